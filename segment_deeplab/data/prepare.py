@@ -1,0 +1,249 @@
+"""Turn a checked folder of images and masks into a described, split dataset.
+
+`prepare_dataset` validates (with `--remap` applied first), refuses on errors, then
+writes a seeded train/val split, class statistics and a content hash into
+`dataset.yaml`. Remapped or colour masks are written as new index PNGs into
+`<output>/masks_prepared/`; the user's files are never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from segment_deeplab.data.dataset_spec import (
+    SPEC_NAME,
+    DatasetError,
+    DatasetSpec,
+    placeholder_classes,
+    resolve_dataset,
+)
+from segment_deeplab.data.mask_check import MaskOptions, to_ids
+from segment_deeplab.data.pairs import dataset_hash, parallel_map
+from segment_deeplab.data.validate import ValidationReport, validate_dataset
+
+PREPARED_MASKS = "masks_prepared"
+
+
+class ValidationFailed(DatasetError):
+    """Validation found errors; `report` holds them all."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        n = len(report.errors)
+        super().__init__(f"validation found {n} error{'s' * (n != 1)}; nothing was written")
+        self.report = report
+
+
+@dataclass
+class PrepareResult:
+    spec: DatasetSpec
+    spec_path: Path
+    train: list[str]
+    val: list[str]
+    report: ValidationReport
+    # True when no description existed and classes are placeholders (class_<id>)
+    placeholders: bool
+    # folder of masks written by --remap / colour conversion, else None
+    converted_masks: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`--json`)."""
+        return {
+            "ok": True,
+            "dataset_yaml": str(self.spec_path),
+            "train": len(self.train),
+            "val": len(self.val),
+            "placeholders": self.placeholders,
+            "masks": str(self.spec.mask_dir),
+            "converted_masks": self.converted_masks is not None,
+            "hash": self.spec.hash,
+            "stats": self.spec.stats,
+            "warnings": [asdict(p) for p in self.report.warnings],
+        }
+
+
+def parse_remap(items: list[str] | None) -> dict[int, int]:
+    """["255:1", "3:255"] -> {255: 1, 3: 255}; values are 8-bit mask values."""
+    out: dict[int, int] = {}
+    for item in items or []:
+        try:
+            src, dst = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise DatasetError(f"--remap {item!r}: expected SRC:DST, e.g. 255:1") from None
+        if not (0 <= src <= 255 and 0 <= dst <= 255):
+            raise DatasetError(f"--remap {item}: mask values are 0..255")
+        if src in out:
+            raise DatasetError(f"--remap maps {src} twice")
+        out[src] = dst
+    return out
+
+
+def split_stems(stems: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A reproducible train/val split, each side sorted.
+
+    Stems are ordered by a seeded hash, not a shuffle, so the split does not depend
+    on Python's RNG and adding files moves few existing ones across.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    order = sorted(stems, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    n_val = round(len(order) * val_fraction)
+    if val_fraction > 0 and len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def class_stats(report: ValidationReport) -> dict[str, Any]:
+    """The `stats:` block: pairs, image sizes, ignore share, per-class counts."""
+    total = max(report.total_pixels, 1)
+    rows = [dict(r, share=round(r["share"], 6)) for r in report.class_rows()]
+    return {
+        "pairs": len(report.pairs),
+        "image_size_hw": {
+            "min": list(report.size_min or ()),
+            "max": list(report.size_max or ()),
+        },
+        "ignore_share": round(report.pixel_counts.get(report.ignore_index, 0) / total, 6),
+        # pixels per class in id order: what `class_weights: auto` weighs the loss by
+        "class_pixels": [r["pixels"] for r in rows],
+        "classes": rows,
+    }
+
+
+def _output_dir(dataset, output, spec: DatasetSpec | None, image_dir: Path) -> Path:
+    if output is not None:
+        return Path(output)
+    if dataset is not None:
+        d = Path(dataset)
+        return d if d.is_dir() else d.parent
+    return spec.path.parent if spec and spec.path else image_dir.parent
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    # No write bit for anyone means "read-only" even to root, whom access() lets through.
+    if not os.access(probe, os.W_OK) or not probe.stat().st_mode & 0o222:
+        raise DatasetError(f"{out_dir} is read-only; write the description elsewhere: --output DIR")
+
+
+def _contiguous_ids(report: ValidationReport) -> list[int]:
+    ids = report.class_ids
+    if not ids:
+        raise DatasetError(f"no class ids found in {report.mask_dir}")
+    if ids != list(range(len(ids))):
+        fix = " ".join(f"{s}:{d}" for d, s in enumerate(ids) if s != d)
+        raise DatasetError(
+            f"the masks hold ids {ids}, but class ids must be 0..{len(ids) - 1}; "
+            f"renumber them with `deeplab prepare ... --remap {fix}`"
+        )
+    return ids
+
+
+def convert_mask(src: Path, dst: Path, opts: MaskOptions) -> str:
+    """Write `src` as a mode-L PNG of class ids at `dst`; returns its sha256."""
+    with Image.open(src) as img:
+        img.load()
+        ids = to_ids(img, src, opts, problems=[])
+    if ids is None:  # validation passed, so this means the file changed meanwhile
+        raise DatasetError(f"{src} changed while preparing; run `deeplab prepare` again")
+    buf = io.BytesIO()
+    Image.fromarray(ids).save(buf, format="PNG")
+    data = buf.getvalue()
+    dst.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _convert_all(report: ValidationReport, opts: MaskOptions, target: Path, workers, progress):
+    """New masks into `target` (replaced whole, so no stale files stay), mask hashes."""
+    if report.mask_dir.resolve() == target.resolve():
+        raise DatasetError(
+            f"the masks already live in {target}; give --output DIR to convert them again"
+        )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    jobs = [(p.mask, tmp / f"{p.stem}.png", opts) for p in report.pairs]
+    hashes = parallel_map(convert_mask, jobs, workers, progress)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return {p.stem: h for p, h in zip(report.pairs, hashes, strict=True)}
+
+
+def prepare_dataset(
+    dataset: str | Path | None,
+    *,
+    images: str | Path | None = None,
+    masks: str | Path | None = None,
+    spec: str | Path | None = None,
+    output: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    remap: dict[int, int] | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> PrepareResult:
+    """Validate, split, count and describe a dataset; see the module docstring.
+
+    Raises:
+        ValidationFailed: validation found errors (nothing is written).
+        DatasetError: unusable input or a read-only output folder.
+    """
+    ds, image_dir, mask_dir, raw = resolve_dataset(dataset, images, masks, spec)
+    out_dir = _output_dir(dataset, output, ds, image_dir)
+    _check_writable(out_dir)
+    split_stems([], val_fraction, seed)  # checks the fraction before the long pass
+    ignore_color = raw.get("ignore_color")
+    report = validate_dataset(
+        ds,
+        image_dir,
+        mask_dir,
+        remap=remap,
+        ignore_color=ignore_color,
+        workers=workers,
+        progress=progress,
+    )
+    if not report.ok:
+        raise ValidationFailed(report)
+    if not report.pairs:
+        raise DatasetError(f"no image/mask pairs in {image_dir} and {mask_dir}")
+    classes = ds.classes if ds else placeholder_classes(_contiguous_ids(report))
+    ignore = report.ignore_index
+    file_hashes = dict(report.file_hashes)
+    converted = None
+    if remap or (ds and ds.color_masks):
+        opts = MaskOptions.build(ds, ignore, remap, ignore_color)
+        converted = out_dir / PREPARED_MASKS
+        for stem, h in _convert_all(report, opts, converted, workers, progress).items():
+            file_hashes[stem] = (file_hashes[stem][0], h)
+    train, val = split_stems([p.stem for p in report.pairs], val_fraction, seed)
+    split_dir = out_dir / "splits"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name, stems in (("train", train), ("val", val)):
+        (split_dir / f"{name}.txt").write_text("".join(f"{s}\n" for s in stems))
+    # Update the description in place when it lives in the output folder.
+    spec_path = out_dir / SPEC_NAME
+    if ds is not None and ds.path is not None and ds.path.parent.resolve() == out_dir.resolve():
+        spec_path = ds.path
+    new = DatasetSpec(
+        classes=classes,
+        image_dir=image_dir,
+        mask_dir=converted or mask_dir,
+        ignore_index=ignore,
+        color_masks=False,  # colour masks were converted to ids above
+        splits={"train": split_dir / "train.txt", "val": split_dir / "val.txt"},
+        stats=class_stats(report),
+        hash=dataset_hash(file_hashes),
+        path=spec_path,
+    )
+    new.save(spec_path)
+    return PrepareResult(new, spec_path, train, val, report, ds is None, converted)

@@ -1,0 +1,317 @@
+"""Export a checkpoint to ONNX, TorchScript or safetensors, then check it against PyTorch.
+
+What TF DeepLab's `export_model.py` gave, and more: the exported file carries the class
+names, colours, normalisation and ignore index, and can take a raw uint8 image and
+return class ids (`preprocessing`, `argmax`), so a deployed model needs no extra code.
+
+    raw:            image float32 (B, 3, H, W) RGB in [0, 1] -> logits float32 (B, C, H, W)
+    preprocessing:  image uint8 (B, H, W, 3) RGB (numpy/PIL layout), any H and W
+    argmax:         -> labels (B, H, W), uint8 (int64 past 256 classes)
+
+Every export is written to a temporary file, run against the PyTorch model on real or
+synthetic images at sizes other than the traced one, and renamed into place only if
+it agrees.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_deeplab.checkpoint import FORMAT, load_model
+from segment_deeplab.config import Config
+from segment_deeplab.data.transforms import MEAN_RGB
+from segment_deeplab.engine.exported import (
+    METADATA_FILE,
+    ExportError,
+    Parity,
+    as_input,
+    check_parity,
+    load_safetensors,
+    parity_images,
+    quiet,
+    synthetic_images,
+)
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {
+    ".onnx": "onnx",
+    ".pt": "torchscript",
+    ".ts": "torchscript",
+    ".torchscript": "torchscript",
+    ".safetensors": "safetensors",
+}
+DEFAULT_OPSET = 17  # read by TensorRT, OpenCV DNN and every current onnxruntime
+# Resize with input-dependent sizes needs 11; the TorchScript-based exporter stops at 20.
+OPSETS = range(11, 21)
+TRACE_SIZE = (128, 160)  # example input; the parity sizes differ, to prove dynamic shapes
+
+
+class DeployModel(nn.Module):
+    """A segmentation model with optional baked pre-processing and argmax.
+
+    With `preprocessing` it takes uint8 (B, H, W, 3) RGB, scales it to [0, 1] and pads it
+    to the output stride with the mean colour, as `deeplab predict` does, so both give
+    the same class map.
+    """
+
+    def __init__(self, model: nn.Module, preprocessing: bool, argmax: bool, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.preprocessing = preprocessing
+        self.argmax = argmax
+        self.stride = int(getattr(model, "output_stride", 1) or 1)
+        self.labels_dtype = torch.uint8 if num_classes <= 256 else torch.int64
+        mean = getattr(model, "mean", None)
+        if not isinstance(mean, torch.Tensor) or mean.numel() != 3:
+            mean = torch.tensor(MEAN_RGB, dtype=torch.float32) / 255
+        self.register_buffer("pad_color", mean.detach().float().view(1, 3, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preprocessing:
+            x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+            h, w = x.shape[-2], x.shape[-1]
+            s = self.stride
+            # Pad always, by a traced amount (0 when aligned): a Python `if` would freeze
+            # the branch taken at the example size into the exported graph. Padding a
+            # 0/1 frame and adding the colour keeps the image pixels bit-exact.
+            pad = [0, (s - w % s) % s, 0, (s - h % s) % s]
+            frame = F.pad(torch.zeros_like(x[:, :1]), pad, value=1.0)  # (B, 1, H', W')
+            y = self.model(F.pad(x, pad) + frame * self.pad_color)[..., :h, :w]
+        else:
+            y = self.model(x)
+        return y.argmax(1).to(self.labels_dtype) if self.argmax else y
+
+
+@dataclass
+class ExportResult:
+    """What was written, and how closely it matches PyTorch."""
+
+    path: Path | None  # None when the parity check failed: nothing was written
+    format: str
+    preprocessing: bool
+    argmax: bool
+    opset: int | None
+    parity: Parity
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path) if self.path else None
+        d["parity"]["passed"] = self.parity.passed
+        return d
+
+
+def resolve_format(fmt: str | None, output: str | Path) -> str:
+    """The format asked for, or the one the output suffix names."""
+    if fmt is None:
+        fmt = SUFFIXES.get(Path(output).suffix.lower())
+        if fmt is None:
+            raise ExportError(
+                f"cannot tell the format from '{output}'; give --format ({', '.join(FORMATS)})"
+            )
+    if fmt not in FORMATS:
+        hit = difflib.get_close_matches(fmt, FORMATS, n=1)
+        hint = f" Did you mean '{hit[0]}'?" if hit else ""
+        raise ExportError(f"unknown format '{fmt}'.{hint} Valid formats: {', '.join(FORMATS)}")
+    return fmt
+
+
+def build_metadata(
+    model: nn.Module, cfg: Config, ckpt: dict[str, Any], preprocessing: bool, argmax: bool
+) -> dict[str, Any]:
+    """Everything a deployment needs besides the weights, as JSON-able values."""
+    from segment_deeplab import __version__
+
+    if preprocessing:
+        inp = {"name": "image", "dtype": "uint8", "layout": "NHWC", "range": [0, 255]}
+    else:
+        inp = {"name": "image", "dtype": "float32", "layout": "NCHW", "range": [0, 1]}
+    labels = "uint8" if len(ckpt["classes"]) <= 256 else "int64"
+    if argmax:
+        out = {"name": "labels", "dtype": labels, "layout": "NHW"}
+    else:
+        out = {"name": "logits", "dtype": "float32", "layout": "NCHW"}
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "classes": ckpt["classes"],
+        "ignore_index": int(ckpt.get("ignore_index", 255)),
+        # Applied inside the model: callers only scale to [0, 1] (or pass uint8).
+        "mean": getattr(model, "mean", torch.zeros(3)).flatten().tolist(),
+        "std": getattr(model, "std", torch.ones(3)).flatten().tolist(),
+        "output_stride": int(getattr(model, "output_stride", 1) or 1),
+        "input": inp,
+        "output": out,
+        "config": cfg.to_dict(),
+    }
+
+
+def write_onnx(module: DeployModel, example: torch.Tensor, path: Path, opset: int, meta: dict):
+    """torch.onnx.export with dynamic batch, height and width, plus metadata_props."""
+    import onnx
+
+    names = ("batch", "height", "width")
+    axes_in = (0, 1, 2) if module.preprocessing else (0, 2, 3)
+    axes_out = (0, 1, 2) if module.argmax else (0, 2, 3)
+    out = meta["output"]["name"]
+    try:
+        with quiet():
+            # dynamo=False: the default torch.export-based exporter needs onnxscript (not a
+            # dependency); the TorchScript-based one exports these conv nets completely.
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=[out],
+                dynamic_axes={
+                    "image": dict(zip(axes_in, names, strict=True)),
+                    out: dict(zip(axes_out, names, strict=True)),
+                },
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"ONNX export at opset {opset} failed: {first}") from e
+    proto = onnx.load(str(path))
+    proto.doc_string = "segment-deeplab model; metadata_props 'input' and 'output' describe it"
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def write_torchscript(module: DeployModel, example: torch.Tensor, path: Path, meta: dict) -> None:
+    """torch.jit.trace (timm backbones are not all scriptable) plus the metadata file."""
+    with quiet():
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(meta)})
+
+
+def write_safetensors(model: nn.Module, path: Path, meta: dict) -> None:
+    """The state dict, with each metadata key as a JSON string in the header."""
+    from safetensors.torch import save_file
+
+    # clone(): safetensors refuses tensors that share storage.
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def load_runner(
+    fmt: str, path: Path, module: DeployModel
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reload an exported file as a function of the inputs that `module` takes."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+    if fmt == "torchscript":
+        with quiet():
+            return torch.jit.load(str(path), map_location="cpu")
+    model, _, meta = load_safetensors(path)
+    return DeployModel(model, module.preprocessing, module.argmax, len(meta["classes"])).eval()
+
+
+def _atomic(path: Path, write: Callable[[Path], None], check: Callable[[Path], bool]) -> bool:
+    """write(tmp) beside `path`; rename it over `path` only if check(tmp). True if renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if not check(tmp):
+            return False
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    fmt: str | None = None,
+    preprocessing: bool = False,
+    argmax: bool = False,
+    opset: int = DEFAULT_OPSET,
+    data: str | Path | None = None,
+    spec: str | Path | None = None,
+) -> ExportResult:
+    """Export a checkpoint, check parity on the reloaded file, and write it atomically.
+
+    Args:
+        checkpoint: a segment-deeplab checkpoint or a run folder (best.pt, then last.pt).
+        output: the file to write.
+        fmt: onnx, torchscript or safetensors; None: from the output suffix.
+        preprocessing: bake in the uint8 NHWC input handling (onnx, torchscript).
+        argmax: bake in the argmax: the output is class ids (onnx, torchscript).
+        opset: ONNX opset.
+        data: a dataset or image folder whose images the parity check uses;
+            None: synthetic images.
+        spec: a dataset.yaml kept elsewhere, for `data`.
+
+    Returns:
+        The result; its `path` is None, and nothing is written, when parity failed.
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    fmt = resolve_format(fmt, output)
+    if fmt == "safetensors" and (preprocessing or argmax):
+        raise ExportError(
+            "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
+            "to onnx and torchscript"
+        )
+    if fmt == "onnx" and opset not in OPSETS:
+        span = f"{OPSETS[0]}..{OPSETS[-1]}"
+        raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
+    model, cfg, ckpt = load_model(checkpoint, map_location="cpu")
+    module = DeployModel(model, preprocessing, argmax, len(ckpt["classes"])).eval()
+    meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)
+    batches, source = parity_images(data, spec)
+    g = torch.Generator().manual_seed(0)
+    example = as_input(synthetic_images(1, *TRACE_SIZE, g), preprocessing)
+
+    def write(tmp: Path) -> None:
+        if fmt == "onnx":
+            write_onnx(module, example, tmp, opset, meta)
+        elif fmt == "torchscript":
+            write_torchscript(module, example, tmp, meta)
+        else:
+            write_safetensors(model, tmp, meta)
+
+    found: list[Parity] = []
+
+    def check(tmp: Path) -> bool:
+        found.append(check_parity(module, load_runner(fmt, tmp, module), batches, source))
+        return found[0].passed
+
+    written = _atomic(output, write, check)
+    return ExportResult(
+        path=output if written else None,
+        format=fmt,
+        preprocessing=preprocessing,
+        argmax=argmax,
+        opset=opset if fmt == "onnx" else None,
+        parity=found[0],
+        seconds=round(time.perf_counter() - start, 2),
+    )

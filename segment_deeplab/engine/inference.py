@@ -1,0 +1,166 @@
+"""Class probabilities for whole images: multi-scale and flip TTA, sliding windows.
+
+Shared by `evaluate` and `predict`. TF DeepLab's `eval_scales` and
+`add_flipped_images` become `scales` and `flip`: softmax probabilities from every
+scale (and its mirror) are resized to the original size and averaged. Images larger
+than `window` are cut into overlapping tiles whose probabilities are averaged, so a
+full-resolution photo never needs one giant forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_deeplab.data.transforms import MEAN_RGB
+
+# Most window tiles (times images) in one forward pass of the sliding-window mode.
+TILE_BATCH = 8
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to `device` in eval mode; channels_last on CUDA, where convolutions gain."""
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _stride(model: nn.Module) -> int:
+    return int(getattr(model, "output_stride", 1) or 1)
+
+
+def _pad(model: nn.Module, x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Pad bottom/right with the mean colour: after normalisation it reads as zero,
+    "nothing", as TF DeepLab's mean-pixel padding and the training crops' padding do."""
+    mean = getattr(model, "mean", None)
+    if not isinstance(mean, torch.Tensor) or mean.numel() != 3:
+        mean = torch.tensor(MEAN_RGB, dtype=torch.float32) / 255
+    b, c, h, w = x.shape
+    out = mean.to(x).view(1, 3, 1, 1).expand(b, c, h + ph, w + pw).clone()
+    out[..., :h, :w] = x
+    return out
+
+
+def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities of (B, 3, h, w) in [0, 1], padded to the model's stride.
+
+    A size that is a multiple of the output stride keeps the feature grid aligned
+    with the pixels; the padding is cut off again before returning (B, C, h, w).
+    """
+    s = _stride(model)
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % s, (-w) % s
+    if ph or pw:
+        x = _pad(model, x, ph, pw)
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    logits = model(x)
+    if isinstance(logits, dict):  # torchvision-style {"out": ...} models
+        logits = logits["out"]
+    return logits[..., :h, :w].float().softmax(1)
+
+
+def _starts(size: int, window: int, step: int) -> list[int]:
+    """Tile origins covering 0..size, the last tile flush with the end."""
+    if size <= window:
+        return [0]
+    n = math.ceil((size - window) / step) + 1
+    return sorted({min(i * step, size - window) for i in range(n)})
+
+
+def _forward_windows(
+    model: nn.Module, x: torch.Tensor, window: int | None, overlap: float
+) -> torch.Tensor:
+    """Probabilities of (B, 3, h, w), tiled when larger than `window`."""
+    b, _, h, w = x.shape
+    if window is None or (h <= window and w <= window):
+        return _forward_padded(model, x)
+    step = max(1, int(window * (1 - overlap)))
+    th, tw = min(window, h), min(window, w)  # every tile is this size: starts are clamped
+    origins = [(y, x0) for y in _starts(h, window, step) for x0 in _starts(w, window, step)]
+    probs: torch.Tensor | None = None
+    count = torch.zeros((1, 1, h, w), device=x.device)
+    # Several tiles per forward pass keep a GPU busy; TILE_BATCH bounds the memory.
+    per_pass = max(1, TILE_BATCH // b)
+    for k in range(0, len(origins), per_pass):
+        chunk = origins[k : k + per_pass]
+        tiles = torch.cat([x[..., y : y + th, x0 : x0 + tw] for y, x0 in chunk])
+        p = _forward_padded(model, tiles)  # (len(chunk) * B, C, th, tw)
+        if probs is None:
+            probs = x.new_zeros((b, p.shape[1], h, w), dtype=torch.float32)
+        for j, (y, x0) in enumerate(chunk):
+            probs[..., y : y + th, x0 : x0 + tw] += p[j * b : (j + 1) * b]
+            count[..., y : y + th, x0 : x0 + tw] += 1
+    return probs / count
+
+
+def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W) RGB, got {tuple(images.shape)}")
+    x = images.to(device, non_blocking=True)
+    return x.float() / 255.0 if not x.is_floating_point() else x.float()
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 1 / 3,
+) -> torch.Tensor:
+    """Class probabilities of images at their original size.
+
+    Args:
+        model: a segmentation model in eval mode taking (B, 3, H, W) RGB in [0, 1].
+        images: uint8 (3, H, W) or (B, 3, H, W); floats are taken as already in [0, 1].
+        scales: input scales whose probabilities are averaged (TF DeepLab eval_scales).
+        flip: also average the left-right mirrored input (add_flipped_images).
+        window: tile size for images larger than it (sliding window); None: whole image.
+        overlap: fraction of a tile shared with its neighbour.
+
+    Returns:
+        (B, C, H, W) float32 probabilities on the model's device.
+    """
+    if not scales:
+        raise ValueError("scales must hold at least one value, e.g. (1.0,)")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    x = _to_float(images, _model_device(model))
+    h, w = x.shape[-2:]
+    total: torch.Tensor | None = None
+    passes = 0
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        xs = x
+        if size != (h, w):
+            # antialias keeps downscaled inputs free of aliasing, as PIL resizing would be.
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+        for mirrored in (False, True) if flip else (False,):
+            inp = xs.flip(-1) if mirrored else xs
+            p = _forward_windows(model, inp, window, overlap)
+            if mirrored:
+                p = p.flip(-1)
+            if p.shape[-2:] != (h, w):
+                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            total = p if total is None else total + p
+            passes += 1
+    return total / passes
+
+
+def predict_labels(model: nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(B, H, W) int64 class ids: argmax of `predict_probs` (same keyword arguments)."""
+    return predict_probs(model, images, **kwargs).argmax(1)

@@ -1,0 +1,215 @@
+"""Prediction: image files, folders and globs in; index PNGs and overlays out.
+
+For each input `<stem>.jpg` the output folder gets `<stem>.png` (a P-mode class-id
+mask at the original size, coloured with the checkpoint's class colours),
+`<stem>_overlay.jpg` (the image with the classes blended in and a legend) and, if
+asked, `<stem>_probs.npy` (float16 C x H x W probabilities). An unreadable input is
+reported and skipped; the rest are still written.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from tqdm import tqdm
+
+from segment_deeplab.data.dataset_spec import IMAGE_EXTS, ClassInfo
+from segment_deeplab.engine.inference import predict_probs, prepare_model
+from segment_deeplab.palette import colorize, overlay
+
+# EXIF orientations that turn the picture by 90 degrees (width and height swap).
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+@dataclass
+class PredictResult:
+    """Masks written (one per image) and inputs that failed, with the reason."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"wrote {len(self.written)}, failed {len(self.failed)}"
+        if self.failed:
+            text += ": " + "; ".join(f"{name} ({why})" for name, why in self.failed)
+        return text
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (their jpg/jpeg/png files) and globs, in order, once each.
+
+    Returns:
+        (image paths, [(input, reason)] for inputs that name nothing)
+    """
+    paths: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for item in map(str, inputs):
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                missing.append((item, f"no {'/'.join(IMAGE_EXTS)} files in this folder"))
+        elif p.is_file():
+            found = [p]
+        elif any(ch in item for ch in "*?["):
+            found = [Path(f) for f in sorted(glob.glob(item, recursive=True))]
+            found = [f for f in found if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+            if not found:
+                missing.append((item, "no image files match"))
+        else:
+            missing.append((item, "not found"))
+            found = []
+        paths.extend(found)
+    seen: set[Path] = set()
+    unique = []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique, missing
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique (`a`, `a_2`, ...) so two inputs never share outputs."""
+    counts: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        n = counts.get(p.stem, 0) + 1
+        counts[p.stem] = n
+        stems.append(p.stem if n == 1 else f"{p.stem}_{n}")
+    return stems
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, read from the header without decoding pixels."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in _TRANSPOSED:
+            w, h = h, w
+    return h, w
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Decode to uint8 (3, H, W) RGB, with the EXIF orientation applied."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        arr = np.array(im, dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _groups(items: list[tuple[int, tuple[int, int]]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of same-size images, in chunks of at most `batch_size`."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in items:
+        by_size.setdefault(size, []).append(i)
+    for idx in by_size.values():
+        for k in range(0, len(idx), batch_size):
+            yield idx[k : k + batch_size]
+
+
+def _write(
+    out: Path,
+    stem: str,
+    image: torch.Tensor,
+    probs: torch.Tensor,
+    classes: Sequence[ClassInfo],
+    ignore_index: int,
+    save_probs: bool,
+) -> Path:
+    pred = probs.argmax(0).to(torch.uint8).cpu().numpy()  # (H, W)
+    mask_path = out / f"{stem}.png"
+    colorize(pred, classes, ignore_index).save(mask_path)
+    overlay(image, pred, classes, ignore_index=ignore_index).save(
+        out / f"{stem}_overlay.jpg", quality=90
+    )
+    if save_probs:
+        np.save(out / f"{stem}_probs.npy", probs.to(torch.float16).cpu().numpy())
+    return mask_path
+
+
+def predict(
+    model: nn.Module,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    classes: Sequence[ClassInfo],
+    ignore_index: int = 255,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    batch_size: int = 1,
+    save_probs: bool = False,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict every input image and write its mask, overlay (and probabilities).
+
+    Args:
+        model: in eval mode on its device (see `prepare_model`).
+        inputs: files, folders and glob patterns.
+        classes: the checkpoint's classes (colours, names for the legend).
+        batch_size: images of the same size are predicted together.
+    """
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, failed = collect_inputs(inputs)
+    result = PredictResult(failed=list(failed))
+    stems = output_stems(paths)
+    sized: list[tuple[int, tuple[int, int]]] = []
+    for i, p in enumerate(paths):
+        try:
+            sized.append((i, image_size(p)))
+        except Exception as e:  # unreadable header: not an image, truncated, no access
+            result.failed.append((p.name, _reason(e)))
+    bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
+    bar.update(len(paths) - len(sized))
+    for group in _groups(sized, max(1, batch_size)):
+        loaded: list[tuple[int, torch.Tensor]] = []
+        for i in group:
+            try:
+                loaded.append((i, load_image(paths[i])))
+            except Exception as e:  # corrupt pixel data behind a valid header
+                result.failed.append((paths[i].name, _reason(e)))
+                bar.update(1)
+        # Decoded sizes match the headers; a mismatch still must not break the batch.
+        for shape in dict.fromkeys(t.shape for _, t in loaded):
+            batch = [(i, t) for i, t in loaded if t.shape == shape]
+            probs = predict_probs(model, torch.stack([t for _, t in batch]), scales, flip, window)
+            for (i, image), p in zip(batch, probs, strict=True):
+                try:
+                    path = _write(out, stems[i], image, p, classes, ignore_index, save_probs)
+                    result.written.append(path)
+                except OSError as e:  # disk full, permissions: report, keep going
+                    result.failed.append((paths[i].name, _reason(e)))
+                bar.update(1)
+    bar.close()
+    return result
+
+
+def run_predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    device: str = "auto",
+    **options,
+) -> PredictResult:
+    """Load a checkpoint (file or run folder) and `predict` with its classes."""
+    from segment_deeplab.checkpoint import checkpoint_classes, load_model
+    from segment_deeplab.engine.distributed import pick_device
+
+    model, _, ckpt = load_model(checkpoint)
+    model = prepare_model(model, pick_device(device))
+    classes = checkpoint_classes(ckpt)
+    ignore = int(ckpt.get("ignore_index", 255))
+    return predict(model, inputs, output, classes, ignore, **options)

@@ -1,0 +1,122 @@
+"""timm feature extractors with TF DeepLab's output_stride, and the variant names.
+
+A backbone is a timm `features_only` model built with `output_stride=` (dilated last
+stages). It returns every feature level; the model picks the last one for ASPP and
+the one at `decoder_output_stride` for the v3+ decoder. Keeping every level keeps the
+state dict the same for v3 and v3+, so either can initialise the other.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import timm
+import torch.nn as nn
+
+# TF DeepLab `model_variant` -> timm model name. Any timm name that supports
+# features_only works too (e.g. efficientnet_b0, resnet50.a1_in1k).
+VARIANTS: dict[str, str] = {
+    "xception_41": "xception41",
+    "xception_65": "xception65",
+    "xception_71": "xception71",
+    "resnet_18": "resnet18",
+    "resnet_50": "resnet50",
+    "resnet_101": "resnet101",
+    "mobilenet_v2": "mobilenetv2_100",
+    "mobilenet_v3_large": "mobilenetv3_large_100",
+    "mobilenet_v3_small": "mobilenetv3_small_100",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(ValueError):
+    """A model setting that cannot be built or initialised; the message says how to fix it."""
+
+
+@dataclass
+class FeatureSpec:
+    """What a timm feature extractor gives: one entry per feature level."""
+
+    reductions: list[int]  # input size / feature size, e.g. [2, 4, 8, 16, 16]
+    channels: list[int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def timm_name(variant: str) -> str:
+    """Map a TF DeepLab variant (or a timm model name) to a timm model name."""
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    if timm.is_model(variant):  # also accepts pretrained tags: resnet50.a1_in1k
+        return variant
+    choices = list(VARIANTS) + timm.list_models()
+    hit = difflib.get_close_matches(variant, choices, n=1, cutoff=0.6)
+    hint = f" Did you mean '{hit[0]}'?" if hit else ""
+    raise ModelError(
+        f"unknown model_variant '{variant}'.{hint} Valid names: {', '.join(VARIANTS)}, "
+        "or any timm model name that supports features_only (see timm.list_models())"
+    )
+
+
+def is_xception(name: str) -> bool:
+    return "xception" in name
+
+
+def create_features(name: str, output_stride: int, pretrained: bool = False) -> nn.Module:
+    """Build timm's features_only model for `name`, dilated to `output_stride`.
+
+    Raises:
+        ModelError: the model has no feature extractor, cannot dilate, or does not
+            reach `output_stride`.
+    """
+    # Natively stride-32 models need no output_stride; some constructors reject it.
+    kwargs = {} if output_stride == 32 else {"output_stride": output_stride}
+    try:
+        body = timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "output_stride" not in str(e):
+            raise
+        raise ModelError(
+            f"timm model '{name}' cannot change its output stride (it takes no "
+            f"output_stride); use model.output_stride=32 or another backbone, e.g. "
+            f"{', '.join(VARIANTS)}"
+        ) from e
+    except RuntimeError as e:
+        if "features_only" not in str(e):
+            raise
+        raise ModelError(
+            f"timm model '{name}' has no feature extractor (features_only); use one of "
+            f"{', '.join(VARIANTS)}"
+        ) from e
+    last = body.feature_info.reduction()[-1]
+    if last != output_stride:
+        raise ModelError(
+            f"timm model '{name}' reaches output stride {last}, not the requested "
+            f"{output_stride}; set model.output_stride={last} or pick a backbone that "
+            f"supports dilation ({', '.join(VARIANTS)})"
+        )
+    return body
+
+
+def feature_spec(body: nn.Module) -> FeatureSpec:
+    """Strides, channels and input normalisation of a timm features_only model."""
+    info = body.feature_info
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return FeatureSpec(list(info.reduction()), list(info.channels()), mean, std)
+
+
+def low_level_index(spec: FeatureSpec, decoder_output_stride: int, name: str) -> int:
+    """Index of the earliest feature at `decoder_output_stride` (TF: the end of that stride)."""
+    for i, r in enumerate(spec.reductions[:-1]):
+        if r == decoder_output_stride:
+            return i
+    have = sorted(set(spec.reductions[:-1]))
+    raise ModelError(
+        f"backbone '{name}' has no feature at decoder_output_stride {decoder_output_stride} "
+        f"(feature strides: {spec.reductions}); use one of {have}, or null for DeepLab v3"
+    )

@@ -1,0 +1,176 @@
+"""DeepLabV3 (ASPP on the last feature map) and DeepLabV3Plus (ASPP + low-level decoder).
+
+Both take RGB in [0, 1] of any size and return logits at the input size. Normalisation
+happens inside the model (buffers `mean`/`std`), so export and prediction need no
+preprocessing beyond scaling to [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from segment_deeplab.config import ModelConfig
+from segment_deeplab.models.aspp import ASPP, conv3x3, conv_bn_relu
+from segment_deeplab.models.backbones import (
+    FeatureSpec,
+    ModelError,
+    create_features,
+    feature_spec,
+    is_xception,
+    low_level_index,
+    timm_name,
+)
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def default_atrous_rates(output_stride: int) -> list[int]:
+    """TF DeepLab's rates: 6, 12, 18 at output stride 16, scaled with the stride."""
+    return [r * 16 // output_stride for r in (6, 12, 18)]
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Reject settings that cannot build, with the fix in the message."""
+    if cfg.num_classes < 1:
+        raise ModelError(
+            f"model.num_classes is {cfg.num_classes}; it comes from the dataset description "
+            "(or set model.num_classes=N)"
+        )
+    if cfg.output_stride not in OUTPUT_STRIDES:
+        raise ModelError(f"model.output_stride={cfg.output_stride}; use one of {OUTPUT_STRIDES}")
+    dos = cfg.decoder_output_stride
+    if dos is not None and (dos < 2 or dos > cfg.output_stride):
+        raise ModelError(
+            f"model.decoder_output_stride={dos} must lie between 2 and the output stride "
+            f"({cfg.output_stride}); TF DeepLab v3+ uses 4, null builds DeepLab v3"
+        )
+    if cfg.atrous_rates is not None and any(int(r) < 1 for r in cfg.atrous_rates):
+        raise ModelError(f"model.atrous_rates={cfg.atrous_rates}: rates must be >= 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ModelError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    for key in ("aspp_channels", "decoder_channels", "low_level_channels"):
+        if getattr(cfg, key) < 1:
+            raise ModelError(f"model.{key}={getattr(cfg, key)} must be >= 1")
+
+
+def init_head(module: nn.Module) -> None:
+    """Kaiming for convs (they feed ReLUs), BN to identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Decoder(nn.Module):
+    """v3+ decoder: upsample ASPP output to the low-level features, concat, two 3x3 convs."""
+
+    def __init__(
+        self,
+        high_channels: int,
+        low_in_channels: int,
+        low_channels: int,
+        channels: int,
+        separable: bool,
+    ) -> None:
+        super().__init__()
+        # TF reduces the low-level features to 48 channels so they do not outweigh ASPP.
+        self.project = conv_bn_relu(low_in_channels, low_channels, 1)
+        self.fuse = nn.Sequential(
+            conv3x3(high_channels + low_channels, channels, 1, separable),
+            conv3x3(channels, channels, 1, separable),
+        )
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        low = self.project(low)  # (B, low_channels, H/4, W/4) at decoder stride 4
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([high, low], dim=1))  # (B, channels, H/4, W/4)
+
+
+class DeepLabV3(nn.Module):
+    """Backbone -> ASPP -> dropout -> 1x1 classifier -> upsample to the input size.
+
+    Attributes:
+        cfg: the ModelConfig it was built from (a copy).
+        output_stride: input size / backbone output size.
+        timm_name: the timm model behind `backbone`.
+        atrous_rates, separable: the resolved ASPP settings.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        check_config(cfg)
+        self.cfg = copy.deepcopy(cfg)
+        self.timm_name = timm_name(cfg.model_variant)
+        self.output_stride = cfg.output_stride
+        self.atrous_rates = (
+            [int(r) for r in cfg.atrous_rates]
+            if cfg.atrous_rates is not None
+            else default_atrous_rates(cfg.output_stride)
+        )
+        self.separable = is_xception(self.timm_name) if cfg.separable is None else cfg.separable
+        self.backbone = create_features(self.timm_name, cfg.output_stride)
+        spec = feature_spec(self.backbone)
+        self.feature_strides = spec.reductions
+        # Not saved in state dicts: they follow from the config, and files from timm or
+        # torchvision would otherwise lack them.
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.aspp = ASPP(
+            spec.channels[-1],
+            cfg.aspp_channels,
+            self.atrous_rates,
+            cfg.image_pooling,
+            self.separable,
+        )
+        head_channels = self._build_decoder(spec)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
+        init_head(self.aspp)
+        # Small logits at the start: no class is favoured before training.
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def _build_decoder(self, spec: FeatureSpec) -> int:
+        """Create the decoder (none in v3); return the classifier's input channels."""
+        return self.cfg.aspp_channels
+
+    def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> logits (B, num_classes, H, W)."""
+        size = x.shape[-2:]
+        features = self.backbone((x - self.mean) / self.std)
+        y = self.aspp(features[-1])  # (B, aspp_channels, H/os, W/os)
+        y = self.classifier(self.dropout(self.decode(y, features)))
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLabV3 plus a decoder that fuses features at `decoder_output_stride` (TF default 4)."""
+
+    def _build_decoder(self, spec: FeatureSpec) -> int:
+        cfg = self.cfg
+        if cfg.decoder_output_stride is None:
+            raise ModelError("DeepLabV3Plus needs model.decoder_output_stride (TF default: 4)")
+        self.low_index = low_level_index(spec, cfg.decoder_output_stride, self.timm_name)
+        self.decoder = Decoder(
+            cfg.aspp_channels,
+            spec.channels[self.low_index],
+            cfg.low_level_channels,
+            cfg.decoder_channels,
+            self.separable,
+        )
+        init_head(self.decoder)
+        return cfg.decoder_channels
+
+    def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder(x, features[self.low_index])

@@ -1,0 +1,261 @@
+"""Export: ONNX / TorchScript / safetensors parity at other sizes, metadata, CLI, Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from segment_deeplab import Segmenter
+from segment_deeplab.checkpoint import FORMAT, atomic_save, load_model
+from segment_deeplab.cli import main
+from segment_deeplab.config import Config, ModelConfig
+from segment_deeplab.engine import export as export_mod
+from segment_deeplab.engine.export import DeployModel, export
+from segment_deeplab.engine.exported import load_safetensors, read_metadata
+from segment_deeplab.engine.inference import predict_labels
+from segment_deeplab.models import build_model
+
+CLASSES = [
+    {"id": 0, "name": "background", "color": [0, 0, 0]},
+    {"id": 1, "name": "cat", "color": [255, 0, 0]},
+    {"id": 2, "name": "dog", "color": [0, 255, 0]},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine the spinning
+    # of two intra-op threads makes these tests several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder with best.pt: a tiny DeepLabV3+ with weights that give clear argmaxes."""
+    torch.manual_seed(0)
+    cfg = Config(
+        model=ModelConfig(
+            model_variant="mobilenet_v3_small",
+            num_classes=3,
+            aspp_channels=16,
+            decoder_channels=16,
+            low_level_channels=8,
+        )
+    )
+    model = build_model(cfg.model)
+    # A fresh classifier gives near-equal logits; a trained one does not.
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    torch.nn.init.normal_(model.classifier.bias, std=0.5)
+    run = tmp_path_factory.mktemp("run")
+    ckpt = {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "config": cfg.to_dict(),
+        "classes": CLASSES,
+        "ignore_index": 255,
+        "dataset_hash": None,
+        "step": 0,
+    }
+    atomic_save(ckpt, run / "best.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load_model(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_raw(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = export(run_dir / "best.pt", out, fmt="onnx")
+    assert result.path == out and result.parity.passed, result.parity.summary()
+    assert [97, 131] in result.parity.sizes  # an odd size, other than the traced one
+    print(result.parity.summary())
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_baked(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "baked.onnx"
+    result = export(run_dir, out, preprocessing=True, argmax=True)
+    assert result.parity.passed and result.parity.max_abs_diff is None
+    print(result.parity.summary())
+    return out
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (3, h, w) with smooth regions, so argmaxes are not all one class."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 8, w // 8, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")
+    return (x[0] * 255).round().to(torch.uint8)
+
+
+def test_onnx_dynamic_batch_and_size(onnx_raw, model):
+    sess = ort.InferenceSession(str(onnx_raw), providers=["CPUExecutionProvider"])
+    for b, h, w in [(2, 64, 80), (2, 97, 131)]:
+        x = torch.stack([_image(h, w, i) for i in range(b)]).float() / 255
+        with torch.no_grad():
+            ref = model(x)
+        out = sess.run(None, {"image": x.numpy()})[0]
+        assert out.shape == (b, 3, h, w)
+        assert np.abs(out - ref.numpy()).max() < 1e-3 * max(1.0, ref.abs().max().item())
+        assert (out.argmax(1) == ref.argmax(1).numpy()).mean() > 0.999
+    dims = onnx.load(str(onnx_raw)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
+
+
+def test_onnx_metadata_holds_classes_and_normalisation(onnx_raw, model):
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_raw)).metadata_props}
+    assert props["classes"] == CLASSES and props["ignore_index"] == 255
+    assert props["mean"] == pytest.approx(model.mean.flatten().tolist())
+    assert props["std"] == pytest.approx(model.std.flatten().tolist())
+    assert props["input"]["layout"] == "NCHW" and props["output"]["name"] == "logits"
+    assert read_metadata(onnx_raw)["config"]["model"]["model_variant"] == "mobilenet_v3_small"
+
+
+def test_baked_preprocessing_and_argmax_match_pytorch(onnx_baked, model):
+    sess = ort.InferenceSession(str(onnx_baked), providers=["CPUExecutionProvider"])
+    image = _image(97, 131, seed=3)  # not a multiple of the output stride: padded inside
+    nhwc = image.permute(1, 2, 0).numpy()[None]  # (1, H, W, 3) uint8, as PIL/numpy give
+    labels = sess.run(None, {"image": nhwc})[0]
+    assert labels.shape == (1, 97, 131) and labels.dtype == np.uint8
+    ref = predict_labels(model, image)  # what `deeplab predict` gives
+    assert (labels == ref.numpy()).mean() > 0.999
+    assert len(np.unique(labels)) > 1
+    meta = read_metadata(onnx_baked)
+    assert meta["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "range": [0, 255]}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit")
+def test_torchscript_reload_at_another_size(run_dir, model, tmp_path):
+    out = tmp_path / "model.pt"
+    result = export(run_dir, out, fmt="torchscript", preprocessing=True)
+    assert result.parity.passed, result.parity.summary()
+    loaded = torch.jit.load(str(out))
+    image = _image(75, 101, seed=5)
+    x = image.permute(1, 2, 0)[None].contiguous()
+    with torch.no_grad():
+        got = loaded(x)
+        ref = DeployModel(model, True, False, 3)(x)
+    assert got.shape == (1, 3, 75, 101)
+    assert (got - ref).abs().max() < 1e-4
+    assert read_metadata(out)["classes"] == CLASSES
+    mask = Segmenter.from_checkpoint(out, device="cpu").predict(image)
+    assert (mask == predict_labels(model, image)[0].numpy()).mean() > 0.999
+
+
+def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert export(run_dir, out).parity.passed
+    rebuilt, cfg, meta = load_safetensors(out)
+    assert meta["classes"] == CLASSES and cfg.model.num_classes == 3
+    ref_state, new_state = model.state_dict(), rebuilt.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+    x = _image(64, 80)[None].float() / 255
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    image = _image(64, 80, seed=2)
+    mask = Segmenter.from_checkpoint(out, device="cpu").predict(image)
+    assert np.array_equal(mask, predict_labels(model, image)[0].numpy())
+
+
+def test_cli_export_prints_parity_and_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = ["export", "--checkpoint", str(run_dir), "--output", str(out), "--format", "onnx"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "parity ok" in text and "max |logit diff|" in text and out.is_file()
+    st = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(run_dir), "--output", str(st), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "safetensors" and result["path"] == str(st)
+    assert result["parity"]["passed"] and result["parity"]["max_abs_diff"] < 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]  # no temps
+
+
+def test_cli_export_checks_parity_on_dataset_images(run_dir, tmp_path, capsys):
+    from segment_deeplab.data.synthetic import generate
+
+    spec = generate(tmp_path / "data", num=4, size=(72, 88), num_classes=3)
+    out = tmp_path / "m.pt"
+    argv = ["export", "--checkpoint", str(run_dir), "--output", str(out), "--data", str(spec)]
+    assert main(argv + ["--with-argmax"]) == 0
+    text = capsys.readouterr().out
+    assert "parity ok" in text and "72x88" in text and "images" in text
+
+
+@pytest.mark.parametrize("fault", ["noise", "crash"])
+def test_cli_export_fails_when_the_export_disagrees(run_dir, tmp_path, monkeypatch, capsys, fault):
+    real = export_mod.load_runner
+
+    def broken(fmt, path, module):
+        run = real(fmt, path, module)
+
+        def runner(x):
+            if fault == "crash":  # e.g. a graph that only runs at its traced size
+                raise RuntimeError("Reshape: bad input shape")
+            y = run(x)
+            return y + 0.5 * torch.randn(y.shape)
+
+        return runner
+
+    monkeypatch.setattr(export_mod, "load_runner", broken)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(run_dir), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    if fault == "crash":
+        assert "parity check failed" in err and "Reshape: bad input shape" in err
+    else:
+        assert "parity FAILED" in err and "does not match PyTorch" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_errors_are_clear(run_dir, tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", str(run_dir), "--output", out, "--format", "onxx"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'onnx'" in err and "onnx, torchscript, safetensors" in err
+    missing = tmp_path / "nope.pt"
+    assert main(["export", "--checkpoint", str(missing), "--output", out]) == 2
+    assert str(missing) in capsys.readouterr().err
+    st = str(tmp_path / "m.safetensors")
+    assert main(["export", "--checkpoint", str(run_dir), "--output", st, "--with-argmax"]) == 2
+    assert "weights only" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(run_dir), "--output", out, "--opset", "5"]) == 2
+    assert "use 11..20" in capsys.readouterr().err
+
+
+def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, onnx_baked, tmp_path):
+    image = _image(90, 120, seed=7)
+    path = tmp_path / "photo.png"
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    ref = predict_labels(model, image)[0].numpy()
+
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu")
+    assert [c.name for c in seg.classes] == ["background", "cat", "dog"]
+    mask = seg.predict(path)
+    assert mask.dtype == np.uint8 and mask.shape == (90, 120)
+    assert np.array_equal(mask, ref)
+    as_array, as_pil = seg.predict([image.permute(1, 2, 0).numpy(), Image.open(path)])
+    assert np.array_equal(as_array, ref) and np.array_equal(as_pil, ref)
+    probs = seg.predict_probs(path)
+    assert probs.shape == (3, 90, 120) and np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert seg.colorize(mask).mode == "P"
+
+    exported = Segmenter.from_checkpoint(onnx_baked, device="cpu").predict(path)
+    assert (exported == ref).mean() > 0.999
+    with pytest.raises(ValueError, match="uint8"):
+        seg.predict(np.zeros((8, 8, 3), dtype=np.float32))

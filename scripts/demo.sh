@@ -14,7 +14,7 @@ $deeplab validate "$out/data"
 echo "== 3/6 prepare it (train/val split, class statistics)"
 $deeplab prepare "$out/data" --val-fraction 0.2 --seed 0
 echo "== 4/6 train DeepLab v3+ (${DEMO_TIME:-2m} on the CPU)"
-$deeplab train --config configs/deeplabv3plus_mobilenetv3_synthetic_128.yaml \
+$deeplab train --config configs/deeplabv3plus_resnet18_synthetic_128.yaml \
     --data "$out/data" --output "$out/run" --time "${DEMO_TIME:-2m}"
 echo "== 5/6 evaluate the best checkpoint on the validation split"
 $deeplab eval --checkpoint "$out/run" --data "$out/data" --output "$out/eval"

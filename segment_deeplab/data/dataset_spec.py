@@ -115,7 +115,9 @@ class DatasetSpec:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.to_yaml_dict(path.parent), sort_keys=False)
+        text = yaml.safe_dump(
+            self.to_yaml_dict(path.parent), sort_keys=False, default_flow_style=None
+        )
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(text)
         tmp.replace(path)

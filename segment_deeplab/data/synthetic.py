@@ -115,9 +115,16 @@ def make_pair(
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
-    # Background: a random greyish tint, blotches at two scales, all low saturation.
+    # Background: a random greyish tint, blotches at two scales.
     base = rng.uniform(60, 190) + rng.uniform(-20, 20, 3)
     image = base + 30 * _smooth_noise(rng, h, w, 16, 1) + 12 * _smooth_noise(rng, h, w, 4, 3)
+    # Untextured blobs in a class's colour, labelled background: the colour also occurs
+    # outside the class, so single pixels cannot tell it; texture and shape must.
+    for _ in range(int(rng.integers(1, 4)) if num_classes > 1 else 0):
+        blob = _smooth_noise(rng, h, w, 24, 1)[..., 0] > 0.9
+        colour = _appearance(int(rng.integers(1, num_classes)), num_classes)[0]
+        tone = colour * rng.uniform(0.4, 1.1) + rng.uniform(-15, 15, 3)
+        image = np.where(blob[..., None], tone, image)
     label = np.zeros((h, w), np.uint8)
 
     for _ in range(int(rng.integers(1, 5)) if num_classes > 1 else 0):
@@ -134,7 +141,7 @@ def make_pair(
         # brightness alone never identifies a class.
         t = _texture(kind, u, v, period * rng.uniform(0.85, 1.15))[..., None]
         tone = colour * rng.uniform(0.7, 1.15) + rng.uniform(-15, 15, 3)
-        painted = tone * (1 - 0.45 * t)
+        painted = tone * (1 - 0.6 * t)
         image = np.where(inside[..., None], painted, image)
         label[inside] = cls
 

@@ -106,7 +106,7 @@ class Parity:
     pixels: int
     images: int
     sizes: list[list[int]]  # (H, W) of each batch
-    source: str  # "synthetic" or the folder the images came from
+    source: str  # "synthetic", or the image folder and "synthetic"
 
     @property
     def passed(self) -> bool:
@@ -121,7 +121,7 @@ class Parity:
         return (
             f"parity {'ok' if self.passed else 'FAILED'}: {diff}argmax agreement "
             f"{100 * self.agreement:.3f}% (need {100 * MIN_AGREEMENT:.1f}%) over "
-            f"{self.images} {self.source} images ({sizes})"
+            f"{self.images} images ({self.source}; {sizes})"
         )
 
 
@@ -149,13 +149,15 @@ def parity_images(
 
     Args:
         data: a dataset (the first images of its val split, else train) or a plain
-            image folder; None: synthetic images at an odd and an aligned size.
+            image folder; None: synthetic images only. Synthetic images at an odd
+            size and batch 2 always come too: real images may all have the traced size.
         spec: a dataset.yaml kept elsewhere.
         count: how many images to take from `data`.
     """
+    g = torch.Generator().manual_seed(0)
+    synthetic = [synthetic_images(b, h, w, g) for b, h, w in SYNTHETIC_BATCHES]
     if data is None:
-        g = torch.Generator().manual_seed(0)
-        return [synthetic_images(b, h, w, g) for b, h, w in SYNTHETIC_BATCHES], "synthetic"
+        return synthetic, "synthetic"
     from segment_deeplab.data.dataset_spec import IMAGE_EXTS, SPEC_NAME, DatasetError, open_dataset
     from segment_deeplab.data.folder import read_image
 
@@ -173,7 +175,8 @@ def parity_images(
         raise DatasetError(
             f"no images for the parity check in {folder}; drop --data to use synthetic ones"
         )
-    return [_shrink(read_image(f))[None] for f in files], str(folder)
+    real = [_shrink(read_image(f))[None] for f in files]
+    return real + synthetic[:1], f"{folder} and synthetic"
 
 
 def as_input(images: torch.Tensor, preprocessing: bool) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 
 from segment_deeplab.config import DataConfig
 from segment_deeplab.data.dataset_spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
+from segment_deeplab.data import folder
 from segment_deeplab.data.folder import SegmentationFolder, build_loader, pad_collate
 from segment_deeplab.data.synthetic import generate
 from segment_deeplab.data.transforms import (
@@ -171,7 +172,10 @@ def test_color_masks_map_to_ids(tmp_path: Path) -> None:
     assert mask.tolist() == [[0, 1], [2, IGNORE]]
 
 
-def test_exif_rotated_jpeg_comes_out_upright(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_exif_rotated_jpeg_comes_out_upright(tmp_path: Path, monkeypatch, decoder: str) -> None:
+    if decoder == "pil":  # the path taken once torchvision drops its decoders
+        monkeypatch.setattr(folder, "decode_image", None)
     spec = make_spec(tmp_path)
     upright = np.zeros((40, 24, 3), np.uint8)
     upright[:20] = (255, 0, 0)  # red top half

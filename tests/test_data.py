@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,9 +13,14 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from segment_deeplab.config import DataConfig
-from segment_deeplab.data.dataset_spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
 from segment_deeplab.data import folder
-from segment_deeplab.data.folder import SegmentationFolder, build_loader, pad_collate
+from segment_deeplab.data.dataset_spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
+from segment_deeplab.data.folder import (
+    SegmentationFolder,
+    build_loader,
+    pad_collate,
+    resolve_workers,
+)
 from segment_deeplab.data.synthetic import generate
 from segment_deeplab.data.transforms import (
     MEAN_RGB,
@@ -255,3 +261,9 @@ def test_pad_collate_pads_to_the_largest() -> None:
     assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
     assert (masks[0, 4:] == IGNORE).all() and (masks[1, :, 3:] == IGNORE).all()
     assert (masks[0, :4] == 0).all() and images[1, 0, 0, 4] == MEAN_RGB[0]
+
+
+def test_default_workers_follow_the_device() -> None:
+    assert resolve_workers(3, "cpu") == 3
+    assert resolve_workers(None, "cpu") == 0  # on CPU the model needs the cores
+    assert resolve_workers(None, "cuda") == min(4, os.cpu_count() or 1)

@@ -1,12 +1,12 @@
 """A torch Dataset over `images/` + `masks/` paired by file stem, and its DataLoader.
 
-Images decode with torchvision.io (1.5x faster than PIL for JPEG), EXIF orientation
+Images decode with torchvision.io (1.5x faster than PIL for JPEG) with EXIF orientation
 applied, so a phone photo comes out the way viewers show it and the way it was
 annotated; PIL reads what torchvision.io cannot (and everything, once torchvision drops
-its deprecated decoders). Masks
-decode with PIL: torchvision.io returns garbage for palette PNGs below 8 bits or with
-transparency, which is what PIL and annotation tools write for few-class masks, while
-PIL gives palette indices for every P-mode PNG at about the same speed.
+its deprecated decoders). Masks decode with PIL: torchvision.io returns garbage for
+palette PNGs below 8 bits or with transparency, which PIL and annotation tools write for
+few-class masks, while PIL gives palette indices for every P-mode PNG at about the same
+speed (0.43 vs 0.37 ms for a CamVid mask).
 """
 
 from __future__ import annotations
@@ -222,9 +222,21 @@ def pad_collate(
     return out_img, out_mask
 
 
-def resolve_workers(workers: int | None) -> int:
-    """DataConfig.workers, with None meaning min(4, cores)."""
-    return min(4, os.cpu_count() or 1) if workers is None else max(0, int(workers))
+def resolve_workers(workers: int | None, device: str | torch.device | None = None) -> int:
+    """DataConfig.workers; None means min(4, cores) when training on a GPU and 0 on CPU.
+
+    On CPU the model is the cost: loading and augmenting a CamVid batch of 8 takes
+    ~25 ms against seconds for the step, so worker processes only take cores from it.
+    """
+    if workers is not None:
+        return max(0, int(workers))
+    return min(4, os.cpu_count() or 1) if _device(device).type == "cuda" else 0
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def build_loader(
@@ -247,7 +259,8 @@ def build_loader(
 
     Args:
         batch_size: overrides `cfg.batch_size` (e.g. 1 for evaluation at native size).
-        device: where batches go; pinned memory only when it is CUDA.
+        device: where batches go (None: CUDA when available); it picks the default
+            worker count and pins memory only for CUDA.
     """
     ds = SegmentationFolder(
         spec, split, stems=stems, transform=build_transforms(cfg, train, spec.ignore_index)
@@ -258,12 +271,12 @@ def build_loader(
             f"split {split!r} has {len(ds)} pairs, fewer than one batch of {bs}; "
             "lower data.batch_size or add images"
         )
-    workers = resolve_workers(cfg.workers)
+    workers = resolve_workers(cfg.workers, device)
     generator = None
     if train and sampler is None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    pin = torch.device(device).type == "cuda" if device is not None else False
+    pin = _device(device).type == "cuda"
     return DataLoader(
         ds,
         batch_size=bs,

@@ -123,6 +123,10 @@ class RandomScaleCrop(v2.Transform):
         x = x.contiguous()
         return tv_tensors.wrap(x, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else x
 
+    # torchvision < 0.21 calls these private names.
+    _get_params = make_params
+    _transform = transform
+
 
 def train_transforms(
     crop_size: int | Sequence[int],

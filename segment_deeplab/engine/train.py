@@ -77,6 +77,7 @@ def _validate(model, val_set, spec: DatasetSpec, info: distributed.DistInfo) -> 
     if val_set is None:
         return None
     from segment_deeplab.engine.evaluate import evaluate, shard
+    from segment_deeplab.metrics import background_index
 
     metrics = evaluate(
         model,
@@ -86,6 +87,7 @@ def _validate(model, val_set, spec: DatasetSpec, info: distributed.DistInfo) -> 
         device=info.device,
         progress=False,
         class_names=spec.class_names,
+        background=background_index(spec.class_names),
     )
     keep = ("miou", "miou_foreground", "pixel_accuracy", "fwiou", "iou", "class_names")
     return {k: metrics[k] for k in keep if k in metrics}
@@ -218,6 +220,7 @@ def fit(
                 done = schedule.progress(step, total, elapsed, budget) >= 1.0
                 if step % tc.val_every == 0 or done:
                     miou = log.val(step, _validate(raw_model, val_set, spec, info))
+                    log.overlays(step, raw_model, val_set)
                     if miou is not None:
                         bar.write(f"step {step}: val mIoU {miou:.4f}")
                         if best is None or miou > best:
@@ -318,6 +321,25 @@ class _RunLog:
                     if iou is not None:
                         self.writer.add_scalar(f"val_iou/{name}", iou, step)
         return metrics.get("miou")
+
+    def overlays(self, step: int, model, val_set, count: int = 3) -> None:
+        """A few validation predictions as TensorBoard images (ground truth | prediction)."""
+        if not self.active or self.writer is None or val_set is None:
+            return
+        import numpy as np
+
+        from segment_deeplab.engine.inference import predict_labels
+        from segment_deeplab.palette import overlay
+
+        was_training = model.training
+        model.eval()
+        for i in range(min(count, len(val_set))):
+            image, mask = val_set[i]
+            pred = predict_labels(model, image.unsqueeze(0))[0].cpu()
+            pair = [overlay(image, m, self.spec.classes, show_legend=False) for m in (mask, pred)]
+            both = np.concatenate([np.asarray(p) for p in pair], axis=1)  # (H, 2W, 3)
+            self.writer.add_image(f"val_predictions/{i}", both, step, dataformats="HWC")
+        model.train(was_training)
 
     def close(self) -> None:
         self.flush()

@@ -222,6 +222,11 @@ def _add_eval(sub) -> None:
         "--background", type=int, metavar="ID",
         help="class left out of foreground mIoU (default: the class named 'background')",
     )  # fmt: skip
+    p.add_argument(
+        "--report", action="store_true",
+        help="also write the HTML report: RUN/report.html, or report.html beside the "
+        "metrics for a checkpoint outside a run folder",
+    )  # fmt: skip
     _tta_args(p)
 
 
@@ -253,6 +258,9 @@ def _cmd_eval(args) -> int:
     else:
         print(format_table(result))
         print(f"wrote {result['outputs']['metrics']} and the confusion matrix beside it")
+    if args.report:
+        path = _eval_report(args.checkpoint, result["outputs"]["metrics"], args.device)
+        print(f"wrote the report {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -476,6 +484,63 @@ def _cmd_export(args) -> int:
         )
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------- report
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one HTML page showing how a run does: curves, per-class IoU, confusion, images",
+        description="Write a self-contained HTML report (charts and images embedded) from "
+        "what the run folder holds. Missing pieces (no validation yet, no evaluation, a "
+        "moved dataset) are named in the report with the command that adds them.",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="a `deeplab train` run folder")
+    p.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument(
+        "--eval", dest="eval_dir", metavar="DIR",
+        help="a `deeplab eval` output (default: RUN_DIR/eval_val, or a folder beside the "
+        "run whose metrics.json names it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gallery", type=int, default=4, metavar="N",
+        help="best and worst val images to show, N of each (default: 4; 0: none)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="where the gallery predicts: auto, cpu, cuda")
+
+
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from segment_deeplab.report import build_report
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    if args.gallery < 0:
+        raise UserError(f"--gallery must be 0 or more, got {args.gallery}")
+    if args.eval_dir and not (Path(args.eval_dir) / "metrics.json").is_file():
+        raise UserError(f"--eval {args.eval_dir} holds no metrics.json from `deeplab eval`")
+    report = build_report(run, args.eval_dir, args.gallery, args.device)
+    path = report.save(args.output or run / "report.html")
+    for line in report.missing:
+        print(f"missing: {line}", file=sys.stderr)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval_report(checkpoint: str, metrics: str, device: str):
+    """The report after `eval --report`: into the evaluated run folder, or beside the
+    metrics when the checkpoint lies outside a run folder."""
+    from pathlib import Path
+
+    from segment_deeplab.report import write_report
+
+    ckpt, eval_dir = Path(checkpoint), Path(metrics).parent
+    run = ckpt if ckpt.is_dir() else ckpt.parent
+    in_run = (run / "config.yaml").is_file() or (run / "metrics.jsonl").is_file()
+    output = None if in_run else eval_dir / "report.html"
+    return write_report(run, output, eval_dir=eval_dir, device=device)
 
 
 # --------------------------------------------------------------------------- main

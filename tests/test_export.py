@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from segment_deeplab.cli import main
 from segment_deeplab.config import Config, ModelConfig
 from segment_deeplab.engine import export as export_mod
 from segment_deeplab.engine.export import DeployModel, export
-from segment_deeplab.engine.exported import load_safetensors, read_metadata
+from segment_deeplab.engine.exported import ExportError, load_safetensors, read_metadata
 from segment_deeplab.engine.inference import predict_labels
 from segment_deeplab.models import build_model
 
@@ -127,13 +128,15 @@ def test_onnx_metadata_holds_classes_and_normalisation(onnx_raw, model):
 
 def test_baked_preprocessing_and_argmax_match_pytorch(onnx_baked, model):
     sess = ort.InferenceSession(str(onnx_baked), providers=["CPUExecutionProvider"])
-    image = _image(97, 131, seed=3)  # not a multiple of the output stride: padded inside
-    nhwc = image.permute(1, 2, 0).numpy()[None]  # (1, H, W, 3) uint8, as PIL/numpy give
-    labels = sess.run(None, {"image": nhwc})[0]
-    assert labels.shape == (1, 97, 131) and labels.dtype == np.uint8
-    ref = predict_labels(model, image)  # what `deeplab predict` gives
-    assert (labels == ref.numpy()).mean() > 0.999
-    assert len(np.unique(labels)) > 1
+    # 97x131 is not a multiple of the output stride: padded inside the graph.
+    for h, w in [(97, 131), (64, 80)]:
+        image = _image(h, w, seed=3)
+        nhwc = image.permute(1, 2, 0).numpy()[None]  # (1, H, W, 3) uint8, as PIL/numpy give
+        labels = sess.run(None, {"image": nhwc})[0]
+        assert labels.shape == (1, h, w) and labels.dtype == np.uint8
+        ref = predict_labels(model, image)  # what `deeplab predict` gives
+        assert (labels == ref.numpy()).mean() > 0.999
+        assert len(np.unique(labels)) > 1
     meta = read_metadata(onnx_baked)
     assert meta["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "range": [0, 255]}
 
@@ -156,11 +159,25 @@ def test_torchscript_reload_at_another_size(run_dir, model, tmp_path):
     assert (mask == predict_labels(model, image)[0].numpy()).mean() > 0.999
 
 
-def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path):
+def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path, monkeypatch):
     out = tmp_path / "model.safetensors"
-    assert export(run_dir, out).parity.passed
+    result = export(run_dir, out)
+    assert result.parity.passed and result.sidecar == tmp_path / "model.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["classes"] == CLASSES and sidecar["ignore_index"] == 255
+    assert sidecar["mean"] == pytest.approx(model.mean.flatten().tolist())
+    assert sidecar["config"]["model"]["num_classes"] == 3
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("loading a safetensors export unpickled something")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
     rebuilt, cfg, meta = load_safetensors(out)
-    assert meta["classes"] == CLASSES and cfg.model.num_classes == 3
+    assert meta == sidecar and cfg.model.num_classes == 3
     ref_state, new_state = model.state_dict(), rebuilt.state_dict()
     assert ref_state.keys() == new_state.keys()
     assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
@@ -170,6 +187,15 @@ def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path):
     image = _image(64, 80, seed=2)
     mask = Segmenter.from_checkpoint(out, device="cpu").predict(image)
     assert np.array_equal(mask, predict_labels(model, image)[0].numpy())
+    monkeypatch.undo()
+
+    # The sidecar is what loading reads: an edit shows, and without it loading refuses.
+    sidecar["classes"][1]["name"] = "kitten"
+    (tmp_path / "model.json").write_text(json.dumps(sidecar))
+    assert Segmenter.from_checkpoint(out, device="cpu").class_names[1] == "kitten"
+    (tmp_path / "model.json").unlink()
+    with pytest.raises(ExportError, match="model.json not found"):
+        load_safetensors(out)
 
 
 def test_cli_export_prints_parity_and_json(run_dir, tmp_path, capsys):
@@ -182,8 +208,10 @@ def test_cli_export_prints_parity_and_json(run_dir, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run_dir), "--output", str(st), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["format"] == "safetensors" and result["path"] == str(st)
+    assert result["sidecar"] == str(tmp_path / "m.json")
     assert result["parity"]["passed"] and result["parity"]["max_abs_diff"] < 1e-3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]  # no temps
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.json", "m.onnx", "m.safetensors"]  # no temps
 
 
 def test_cli_export_checks_parity_on_dataset_images(run_dir, tmp_path, capsys):
@@ -197,8 +225,12 @@ def test_cli_export_checks_parity_on_dataset_images(run_dir, tmp_path, capsys):
     assert "parity ok" in text and "72x88" in text and "images" in text
 
 
-@pytest.mark.parametrize("fault", ["noise", "crash"])
-def test_cli_export_fails_when_the_export_disagrees(run_dir, tmp_path, monkeypatch, capsys, fault):
+@pytest.mark.parametrize(
+    ("fault", "name"), [("noise", "m.onnx"), ("crash", "m.onnx"), ("noise", "m.safetensors")]
+)
+def test_cli_export_fails_when_the_export_disagrees(
+    run_dir, tmp_path, monkeypatch, capsys, fault, name
+):
     real = export_mod.load_runner
 
     def broken(fmt, path, module):
@@ -213,7 +245,7 @@ def test_cli_export_fails_when_the_export_disagrees(run_dir, tmp_path, monkeypat
         return runner
 
     monkeypatch.setattr(export_mod, "load_runner", broken)
-    out = tmp_path / "m.onnx"
+    out = tmp_path / name
     assert main(["export", "--checkpoint", str(run_dir), "--output", str(out)]) == 1
     err = capsys.readouterr().err
     if fault == "crash":
@@ -238,8 +270,8 @@ def test_cli_export_errors_are_clear(run_dir, tmp_path, capsys):
     assert "use 11..20" in capsys.readouterr().err
 
 
-def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, onnx_baked, tmp_path):
-    image = _image(90, 120, seed=7)
+def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
+    image = _image(90, 120, seed=2)
     path = tmp_path / "photo.png"
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     ref = predict_labels(model, image)[0].numpy()
@@ -248,14 +280,58 @@ def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, onnx_baked
     assert [c.name for c in seg.classes] == ["background", "cat", "dog"]
     mask = seg.predict(path)
     assert mask.dtype == np.uint8 and mask.shape == (90, 120)
-    assert np.array_equal(mask, ref)
-    as_array, as_pil = seg.predict([image.permute(1, 2, 0).numpy(), Image.open(path)])
-    assert np.array_equal(as_array, ref) and np.array_equal(as_pil, ref)
+    assert np.array_equal(mask, ref) and len(np.unique(mask)) > 1
+    # The same image as a path string, PIL image, array and tensor: the same array.
+    for same in (str(path), Image.open(path), image.permute(1, 2, 0).numpy(), image):
+        assert np.array_equal(seg.predict(same), mask)
     probs = seg.predict_probs(path)
     assert probs.shape == (3, 90, 120) and np.allclose(probs.sum(0), 1, atol=1e-5)
     assert seg.colorize(mask).mode == "P"
-
-    exported = Segmenter.from_checkpoint(onnx_baked, device="cpu").predict(path)
-    assert (exported == ref).mean() > 0.999
+    assert seg.overlay(path, mask).mode == "RGB"
     with pytest.raises(ValueError, match="uint8"):
         seg.predict(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        seg.predict(tmp_path / "nope.png")
+
+
+def test_predict_batch_groups_sizes_and_matches_predict(run_dir, tmp_path):
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu")
+    sizes = [(64, 80), (45, 71), (64, 80), (64, 80), (45, 71)]
+    images = [_image(h, w, seed=i).permute(1, 2, 0).numpy() for i, (h, w) in enumerate(sizes)]
+    Image.fromarray(images[2]).save(tmp_path / "two.png")
+    mixed = [images[0], images[1], tmp_path / "two.png", Image.fromarray(images[3]), images[4]]
+    batches: list[int] = []
+    hook = seg.model.register_forward_hook(lambda m, args, out: batches.append(len(args[0])))
+    masks = seg.predict_batch(mixed, batch_size=8)
+    hook.remove()
+    assert sorted(batches) == [2, 3]  # one forward pass per size
+    assert [m.shape for m in masks] == sizes
+    for got, image in zip(masks, images, strict=True):
+        assert np.array_equal(got, seg.predict(image))
+    assert all(np.array_equal(a, b) for a, b in zip(seg.predict(mixed), masks, strict=True))
+    probs = seg.predict_probs(mixed[:2])
+    assert [p.shape for p in probs] == [(3, 64, 80), (3, 45, 71)]
+
+
+def test_segmenter_from_onnx(onnx_raw, onnx_baked, model, run_dir, tmp_path):
+    image = _image(97, 131, seed=3)
+    ref = predict_labels(model, image)[0].numpy()
+    for path in (onnx_raw, onnx_baked):
+        seg = Segmenter.from_onnx(path, device="cpu")
+        assert seg.class_names == ["background", "cat", "dog"]
+        assert (seg.predict(image) == ref).mean() > 0.999 and len(np.unique(ref)) > 1
+        masks = seg.predict_batch([image, _image(64, 80)])
+        assert np.array_equal(masks[0], seg.predict(image)) and masks[1].shape == (64, 80)
+    with pytest.raises(ExportError, match="not an ONNX file"):
+        Segmenter.from_onnx(run_dir / "best.pt")
+
+
+def test_cli_predict_runs_exports_like_segmenter(onnx_baked, tmp_path, capsys):
+    image = _image(90, 120, seed=5)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "photo.png")
+    argv = ["predict", str(tmp_path / "photo.png"), "--checkpoint", str(onnx_baked)]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    seg = Segmenter.from_onnx(onnx_baked, device="cpu")
+    assert np.array_equal(written, seg.predict(tmp_path / "photo.png"))
+    assert len(np.unique(written)) > 1

@@ -8,6 +8,9 @@ return class ids (`preprocessing`, `argmax`), so a deployed model needs no extra
     preprocessing:  image uint8 (B, H, W, 3) RGB (numpy/PIL layout), any H and W
     argmax:         -> labels (B, H, W), uint8 (int64 past 256 classes)
 
+A safetensors export is weights only; its config, classes and normalisation go to a
+JSON file beside it (model.safetensors -> model.json), so loading it never runs code.
+
 Every export is written to a temporary file, run against the PyTorch model on real or
 synthetic images at sizes other than the traced one, and renamed into place only if
 it agrees.
@@ -39,8 +42,10 @@ from segment_deeplab.engine.exported import (
     as_input,
     check_parity,
     load_safetensors,
+    onnx_runner,
     parity_images,
     quiet,
+    sidecar_path,
     synthetic_images,
 )
 
@@ -99,6 +104,7 @@ class ExportResult:
     """What was written, and how closely it matches PyTorch."""
 
     path: Path | None  # None when the parity check failed: nothing was written
+    sidecar: Path | None  # the JSON beside a safetensors export
     format: str
     preprocessing: bool
     argmax: bool
@@ -109,6 +115,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path) if self.path else None
+        d["sidecar"] = str(self.sidecar) if self.sidecar else None
         d["parity"]["passed"] = self.parity.passed
         return d
 
@@ -202,12 +209,17 @@ def write_torchscript(module: DeployModel, example: torch.Tensor, path: Path, me
 
 
 def write_safetensors(model: nn.Module, path: Path, meta: dict) -> None:
-    """The state dict, with each metadata key as a JSON string in the header."""
+    """The state dict at `path`, the metadata as JSON at `sidecar_path(path)`.
+
+    The header keeps a copy of the metadata (each key a JSON string), so the weights
+    file alone still says what it is.
+    """
     from safetensors.torch import save_file
 
     # clone(): safetensors refuses tensors that share storage.
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_runner(
@@ -215,10 +227,7 @@ def load_runner(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Reload an exported file as a function of the inputs that `module` takes."""
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+        return onnx_runner(path, torch.device("cpu"))
     if fmt == "torchscript":
         with quiet():
             return torch.jit.load(str(path), map_location="cpu")
@@ -226,23 +235,33 @@ def load_runner(
     return DeployModel(model, module.preprocessing, module.argmax, len(meta["classes"])).eval()
 
 
-def _atomic(path: Path, write: Callable[[Path], None], check: Callable[[Path], bool]) -> bool:
-    """write(tmp) beside `path`; rename it over `path` only if check(tmp). True if renamed."""
+def _atomic(
+    path: Path, write: Callable[[Path], None], check: Callable[[Path], bool], sidecar: bool
+) -> bool:
+    """write(tmp) beside `path`; rename it over `path` only if check(tmp). True if renamed.
+
+    With `sidecar`, write(tmp) also writes sidecar_path(tmp), renamed over
+    sidecar_path(path) first: once the model file appears, its JSON is there too.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    moves = [(sidecar_path(tmp), sidecar_path(path))] if sidecar else []
+    moves.append((tmp, path))
     try:
         write(tmp)
         if not check(tmp):
             return False
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-        os.replace(tmp, path)
+        for src, dst in moves:
+            src.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
+            os.replace(src, dst)
         return True
     finally:
-        tmp.unlink(missing_ok=True)
+        for src, _ in moves:
+            src.unlink(missing_ok=True)
 
 
 def export(
@@ -259,7 +278,7 @@ def export(
 
     Args:
         checkpoint: a segment-deeplab checkpoint or a run folder (best.pt, then last.pt).
-        output: the file to write.
+        output: the file to write; safetensors also writes NAME.json beside it.
         fmt: onnx, torchscript or safetensors; None: from the output suffix.
         preprocessing: bake in the uint8 NHWC input handling (onnx, torchscript).
         argmax: bake in the argmax: the output is class ids (onnx, torchscript).
@@ -284,6 +303,10 @@ def export(
         raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
+    if fmt == "safetensors" and sidecar_path(output) == output:
+        raise ExportError(
+            f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
+        )
     model, cfg, ckpt = load_model(checkpoint, map_location="cpu")
     module = DeployModel(model, preprocessing, argmax, len(ckpt["classes"])).eval()
     meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)
@@ -305,9 +328,10 @@ def export(
         found.append(check_parity(module, load_runner(fmt, tmp, module), batches, source))
         return found[0].passed
 
-    written = _atomic(output, write, check)
+    written = _atomic(output, write, check, sidecar=fmt == "safetensors")
     return ExportResult(
         path=output if written else None,
+        sidecar=sidecar_path(output) if written and fmt == "safetensors" else None,
         format=fmt,
         preprocessing=preprocessing,
         argmax=argmax,

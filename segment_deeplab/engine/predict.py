@@ -5,13 +5,16 @@ mask at the original size, coloured with the checkpoint's class colours),
 `<stem>_overlay.jpg` (the image with the classes blended in and a legend) and, if
 asked, `<stem>_probs.npy` (float16 C x H x W probabilities). An unreadable input is
 reported and skipped; the rest are still written.
+
+`predict_groups` is the one prediction loop: `deeplab predict` and `Segmenter` both
+run images through it, so they decode and batch images alike.
 """
 
 from __future__ import annotations
 
 import glob
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +123,58 @@ def _groups(items: list[tuple[int, tuple[int, int]]], batch_size: int) -> Iterat
             yield idx[k : k + batch_size]
 
 
+def predict_groups(
+    model: nn.Module,
+    sources: Sequence[Path | torch.Tensor],
+    batch_size: int = 1,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    on_error: Callable[[int, Exception], None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Probabilities of images, those of the same size predicted together.
+
+    Args:
+        model: in eval mode on its device (see `prepare_model`).
+        sources: image files, decoded one batch at a time (a long list never sits in
+            memory whole), or uint8 (3, H, W) tensors.
+        batch_size: most images per forward pass.
+        scales, flip, window: TTA, see `predict_probs`.
+        on_error: called with (index, exception) for a source that cannot be read,
+            which is then skipped; None: the exception propagates.
+
+    Yields:
+        (index into `sources`, image uint8 (3, H, W), probabilities (C, H, W)), grouped
+        by size rather than in input order.
+    """
+
+    def failed(i: int, e: Exception) -> None:
+        if on_error is None:
+            raise e
+        on_error(i, e)
+
+    sized: list[tuple[int, tuple[int, int]]] = []
+    for i, src in enumerate(sources):
+        try:
+            sized.append((i, tuple(src.shape[-2:]) if torch.is_tensor(src) else image_size(src)))
+        except Exception as e:  # unreadable header: not an image, truncated, no access
+            failed(i, e)
+    for group in _groups(sized, max(1, batch_size)):
+        loaded: list[tuple[int, torch.Tensor]] = []
+        for i in group:
+            src = sources[i]
+            try:
+                loaded.append((i, src if torch.is_tensor(src) else load_image(src)))
+            except Exception as e:  # corrupt pixel data behind a valid header
+                failed(i, e)
+        # Decoded sizes match the headers; a mismatch still must not break the batch.
+        for shape in dict.fromkeys(t.shape for _, t in loaded):
+            batch = [(i, t) for i, t in loaded if t.shape == shape]
+            probs = predict_probs(model, torch.stack([t for _, t in batch]), scales, flip, window)
+            for (i, image), p in zip(batch, probs, strict=True):
+                yield i, image, p
+
+
 def _write(
     out: Path,
     stem: str,
@@ -166,33 +221,21 @@ def predict(
     paths, failed = collect_inputs(inputs)
     result = PredictResult(failed=list(failed))
     stems = output_stems(paths)
-    sized: list[tuple[int, tuple[int, int]]] = []
-    for i, p in enumerate(paths):
-        try:
-            sized.append((i, image_size(p)))
-        except Exception as e:  # unreadable header: not an image, truncated, no access
-            result.failed.append((p.name, _reason(e)))
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
-    bar.update(len(paths) - len(sized))
-    for group in _groups(sized, max(1, batch_size)):
-        loaded: list[tuple[int, torch.Tensor]] = []
-        for i in group:
-            try:
-                loaded.append((i, load_image(paths[i])))
-            except Exception as e:  # corrupt pixel data behind a valid header
-                result.failed.append((paths[i].name, _reason(e)))
-                bar.update(1)
-        # Decoded sizes match the headers; a mismatch still must not break the batch.
-        for shape in dict.fromkeys(t.shape for _, t in loaded):
-            batch = [(i, t) for i, t in loaded if t.shape == shape]
-            probs = predict_probs(model, torch.stack([t for _, t in batch]), scales, flip, window)
-            for (i, image), p in zip(batch, probs, strict=True):
-                try:
-                    path = _write(out, stems[i], image, p, classes, ignore_index, save_probs)
-                    result.written.append(path)
-                except OSError as e:  # disk full, permissions: report, keep going
-                    result.failed.append((paths[i].name, _reason(e)))
-                bar.update(1)
+
+    def skip(i: int, e: Exception) -> None:
+        result.failed.append((paths[i].name, _reason(e)))
+        bar.update(1)
+
+    options = {"scales": scales, "flip": flip, "window": window, "on_error": skip}
+    for i, image, p in predict_groups(model, paths, batch_size, **options):
+        try:
+            result.written.append(
+                _write(out, stems[i], image, p, classes, ignore_index, save_probs)
+            )
+        except OSError as e:  # disk full, permissions: report, keep going
+            result.failed.append((paths[i].name, _reason(e)))
+        bar.update(1)
     bar.close()
     return result
 
@@ -204,12 +247,10 @@ def run_predict(
     device: str = "auto",
     **options,
 ) -> PredictResult:
-    """Load a checkpoint (file or run folder) and `predict` with its classes."""
-    from segment_deeplab.checkpoint import checkpoint_classes, load_model
+    """Load a model (run folder, checkpoint or export) and `predict` with its classes."""
     from segment_deeplab.engine.distributed import pick_device
+    from segment_deeplab.engine.exported import load_for_inference
 
-    model, _, ckpt = load_model(checkpoint)
-    model = prepare_model(model, pick_device(device))
-    classes = checkpoint_classes(ckpt)
-    ignore = int(ckpt.get("ignore_index", 255))
-    return predict(model, inputs, output, classes, ignore, **options)
+    dev = pick_device(device)
+    model, classes, ignore = load_for_inference(checkpoint, dev)
+    return predict(prepare_model(model, dev), inputs, output, classes, ignore, **options)

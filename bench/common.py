@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmarks: the machine's description, CamVid, step timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMVID_SOURCE = os.environ.get("CAMVID", "/work/shared/datasets/camvid")
+
+
+def machine() -> str:
+    """'Intel Xeon ..., 2 cores, torch 2.x (2 threads), 2026-01-01' for the report."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{name}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}"
+    )
+
+
+def prepared_camvid(cache: Path, source: str = CAMVID_SOURCE) -> Path:
+    """dataset.yaml of CamVid prepared (seeded 80/20 split) into `cache`, once."""
+    spec = cache / "dataset.yaml"
+    if spec.is_file():
+        return spec
+    if not Path(source, "images").is_dir():
+        raise SystemExit(
+            f"CamVid not found at {source}: set CAMVID=/path/to/camvid (images/ + masks/, "
+            "11-class 480x360 version)"
+        )
+    deeplab = Path(sys.executable).parent / "deeplab"
+    cmd = [str(deeplab), "prepare", source, "--spec", str(ROOT / "datasets/camvid.yaml")]
+    subprocess.run([*cmd, "--output", str(cache)], check=True)
+    return spec
+
+
+def cpu_info() -> SimpleNamespace:
+    """The `info` argument the project's train step takes, for a single CPU process."""
+    return SimpleNamespace(device=torch.device("cpu"), enabled=False, world_size=1, rank=0)
+
+
+def time_steps(fn: Callable[[], object], steps: int) -> float:
+    """Seconds per call of `fn` over `steps` calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward GFLOPs of one image (2 x multiply-adds), by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x[:1])
+    return counter.get_total_flops() / 1e9

@@ -1,0 +1,77 @@
+"""Evaluation speed: `evaluate()` images/s against the raw forward images/s of the model.
+
+    python bench/eval_speed.py --data CAMVID_PREPARED/dataset.yaml [--config configs/X.yaml]
+
+`evaluate` decodes each val image and mask, pads to the output stride, runs the model,
+takes softmax and argmax and updates the confusion matrix and per-image mIoU. The raw
+forward is `model(x)` on an image already in memory at the same size (480x360 for
+CamVid), under `torch.inference_mode`. The two alternate in rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine  # noqa: E402
+
+from segment_deeplab.config import load_config  # noqa: E402
+from segment_deeplab.data.dataset_spec import open_dataset  # noqa: E402
+from segment_deeplab.data.folder import SegmentationFolder  # noqa: E402
+from segment_deeplab.engine.evaluate import evaluate  # noqa: E402
+from segment_deeplab.engine.inference import prepare_model  # noqa: E402
+from segment_deeplab.models import build_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared dataset.yaml")
+    p.add_argument("--config", default="configs/deeplabv3plus_resnet18_camvid_256.yaml")
+    p.add_argument("--images", type=int, default=12, help="val images per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    spec = open_dataset(args.data)
+    cfg.model.num_classes = spec.num_classes
+    model = prepare_model(build_model(cfg.model), torch.device("cpu"))
+    val = SegmentationFolder(spec, "val")
+    subset = torch.utils.data.Subset(val, range(min(args.images, len(val))))
+    x = val.load(0)[0].float().unsqueeze(0) / 255  # (1, 3, 360, 480)
+    with torch.inference_mode():
+        model(x)  # warm-up
+    raw, full = [], []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(len(subset)):
+                model(x)
+        raw.append(len(subset) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        evaluate(model, subset, spec.num_classes, spec.ignore_index, progress=False)
+        full.append(len(subset) / (time.perf_counter() - start))
+    ratio = statistics.median(f / r for f, r in zip(full, raw, strict=True))
+    size = "x".join(map(str, x.shape[-1:-3:-1]))
+    text = (
+        f"{machine()}\n\n"
+        f"| model | image size | raw forward img/s | evaluate() img/s | evaluate / forward |\n"
+        f"|---|---|---:|---:|---:|\n"
+        f"| {Path(args.config).stem} | {size} | {statistics.median(raw):.2f} "
+        f"| {statistics.median(full):.2f} | {100 * ratio:.0f}% |"
+    )
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"raw": raw, "evaluate": full, "ratio": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

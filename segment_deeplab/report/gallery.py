@@ -1,0 +1,190 @@
+"""The best and worst validation images by per-image mIoU, as small embedded pictures.
+
+The ranking comes from `deeplab eval`'s per_image.csv when there is one; otherwise the
+checkpoint predicts a bounded, evenly spaced sample of the val split. Only the shown
+images are predicted again, so nothing large is held in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segment_deeplab.palette import colorize
+from segment_deeplab.report.runfolder import RunData
+
+# Most val images predicted to rank them when eval's per_image.csv is missing.
+RANK_LIMIT = 64
+THUMB_W, THUMB_H = 200, 160
+WRONG = np.array([220, 20, 60], dtype=np.uint8)
+IGNORED = np.array([120, 120, 120], dtype=np.uint8)
+
+
+class GalleryMissing(Exception):
+    """The gallery cannot be drawn; the message says what is missing."""
+
+
+@dataclass
+class Row:
+    stem: str
+    miou: float
+    image: str  # data URIs
+    truth: str
+    pred: str
+    error: str
+
+
+@dataclass
+class Gallery:
+    best: list[Row]
+    worst: list[Row]
+    source: str  # how the images were ranked
+
+
+def data_uri(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, "JPEG", quality=85)
+    else:
+        img.save(buf, "PNG", optimize=True)
+    mime = "jpeg" if fmt == "JPEG" else "png"
+    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _thumb(img: Image.Image, nearest: bool) -> Image.Image:
+    scale = min(THUMB_W / img.width, THUMB_H / img.height, 1.0)
+    if scale >= 1.0:
+        return img
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+
+
+def error_map(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, ignore: int) -> np.ndarray:
+    """(H, W, 3) uint8: wrong pixels red, ignored grey, correct ones a faded photo."""
+    gray = image.astype(np.float32).mean(-1, keepdims=True)
+    out = np.repeat(gray * 0.3 + 178, 3, axis=-1).astype(np.uint8)
+    ignored = truth == ignore
+    out[(truth != pred) & ~ignored] = WRONG
+    out[ignored] = IGNORED
+    return out
+
+
+def render_row(data: RunData, stem: str, miou: float, image, truth, pred) -> Row:
+    """Four thumbnails of one image: photo, ground truth, prediction, error map."""
+    rgb = image.permute(1, 2, 0).numpy()
+    t, p = truth.numpy(), pred.numpy()
+    ign = data.ignore_index
+
+    def mask(m: np.ndarray) -> str:
+        return data_uri(_thumb(colorize(m, data.classes, ign, (128, 128, 128)), nearest=True))
+
+    return Row(
+        stem,
+        miou,
+        data_uri(_thumb(Image.fromarray(rgb), nearest=False), "JPEG"),
+        mask(t),
+        mask(p),
+        data_uri(_thumb(Image.fromarray(error_map(rgb, t, p, ign)), nearest=True), "JPEG"),
+    )
+
+
+def _tta(data: RunData, from_eval: bool) -> dict[str, Any]:
+    m = data.eval_metrics or {}
+    if not from_eval:
+        return {}
+    return {
+        "scales": m.get("scales") or (1.0,),
+        "flip": bool(m.get("flip")),
+        "window": m.get("window"),
+    }
+
+
+def _predict(model, image: torch.Tensor, tta: dict[str, Any]) -> torch.Tensor:
+    from segment_deeplab.engine.inference import predict_probs
+
+    return predict_probs(model, image, **tta).argmax(1)[0].cpu()  # (H, W)
+
+
+def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:
+    """(best first, worst first); an image appears in one group only, and a small val
+    split is shared between the two groups."""
+    k = min(count, (len(ranked) + 1) // 2)
+    return ranked[:k], ranked[max(k, len(ranked) - count) :][::-1]
+
+
+def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Gallery:
+    """Rank val images by per-image mIoU and draw the `count` best and worst.
+
+    Raises:
+        GalleryMissing: no dataset, no checkpoint, no val split or a class mismatch.
+    """
+    from segment_deeplab.checkpoint import CheckpointError, load_model
+    from segment_deeplab.data.dataset_spec import DatasetError
+    from segment_deeplab.data.folder import SegmentationFolder
+    from segment_deeplab.engine.distributed import pick_device
+    from segment_deeplab.engine.inference import prepare_model
+    from segment_deeplab.metrics import image_miou
+
+    if data.spec is None:
+        raise GalleryMissing(f"the val images: {data.notes.get('dataset', 'no dataset')}")
+    from_eval = bool(data.per_image)
+    recorded = (data.eval_metrics or {}).get("checkpoint") if from_eval else None
+    # The ranking is that of eval's checkpoint; predict with the same weights.
+    ckpt = recorded if recorded and Path(recorded).exists() else data.checkpoint
+    if ckpt is None:
+        raise GalleryMissing("a checkpoint to predict with (no best.pt or last.pt yet)")
+    try:
+        model, _, meta = load_model(ckpt)
+    except CheckpointError as e:
+        raise GalleryMissing(f"a readable checkpoint ({e})") from e
+    names = [c["name"] for c in meta["classes"]]
+    if names != data.spec.class_names:
+        raise GalleryMissing(
+            f"a dataset with the checkpoint's classes {names} (it has {data.spec.class_names})"
+        )
+    model = prepare_model(model, pick_device(device))
+    tta, n_classes, ignore = _tta(data, from_eval), data.spec.num_classes, data.spec.ignore_index
+    try:
+        if from_eval:
+            ranked = sorted(data.per_image, key=lambda r: -r[1])
+            source = f"per-image mIoU of all {len(ranked)} images in {data.eval_dir}"
+        else:
+            stems = data.spec.split_stems("val")
+            step = max(1, math.ceil(len(stems) / RANK_LIMIT))
+            sample = stems[::step]
+            folder = SegmentationFolder(data.spec, stems=sample)
+            ranked = []
+            for i, stem in enumerate(sample):
+                image, truth = folder.load(i)
+                miou = image_miou(truth, _predict(model, image, tta), n_classes, ignore)
+                if miou is not None:
+                    ranked.append((stem, miou))
+            ranked.sort(key=lambda r: -r[1])
+            of = (
+                f"{len(sample)} of {len(stems)}"
+                if len(sample) < len(stems)
+                else f"all {len(stems)}"
+            )
+            source = f"per-image mIoU of {of} val images, predicted by {ckpt}"
+        best, worst = _pick(ranked, count)
+        shown = [s for s, _ in best + worst]
+        folder = SegmentationFolder(data.spec, stems=shown)
+        rows = {}
+        for i, (stem, miou) in enumerate(best + worst):
+            image, truth = folder.load(i)
+            rows[stem] = render_row(data, stem, miou, image, truth, _predict(model, image, tta))
+    except DatasetError as e:
+        raise GalleryMissing(f"the val images ({e})") from e
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return Gallery([rows[s] for s, _ in best], [rows[s] for s, _ in worst], source)

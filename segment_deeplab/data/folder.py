@@ -48,8 +48,12 @@ def _index_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An RGB image as uint8 (3, H, W), EXIF orientation applied."""
+def read_image(path: Path, hint: str = FIX_HINT) -> torch.Tensor:
+    """An RGB image as uint8 (3, H, W), EXIF orientation applied.
+
+    The one image decoder of the project: training, evaluation and prediction all read
+    pixels through it, so they see the same values.
+    """
     if decode_image is not None:
         try:
             with warnings.catch_warnings():
@@ -68,7 +72,7 @@ def read_image(path: Path) -> torch.Tensor:
             rgb = ImageOps.exif_transpose(im).convert("RGB")
             return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}; {FIX_HINT}") from e
+        raise DatasetError(f"cannot read image {path}: {e}" + (f"; {hint}" if hint else "")) from e
 
 
 def read_mask(path: Path, spec: DatasetSpec) -> torch.Tensor:

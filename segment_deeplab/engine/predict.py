@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from segment_deeplab.data.dataset_spec import IMAGE_EXTS, ClassInfo
+from segment_deeplab.data.folder import read_image
 from segment_deeplab.engine.inference import predict_probs, prepare_model
 from segment_deeplab.palette import colorize, overlay
 
@@ -107,10 +108,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path) -> torch.Tensor:
     """Decode to uint8 (3, H, W) RGB, with the EXIF orientation applied."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        arr = np.array(im, dtype=np.uint8)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return read_image(path, hint="")
 
 
 def _groups(items: list[tuple[int, tuple[int, int]]], batch_size: int) -> Iterator[list[int]]:

@@ -110,7 +110,7 @@ def fit(
         out_dir: run folder: config.yaml, last.pt, best.pt, metrics.jsonl, tb/.
         resume: continue the run in `out_dir` from its last.pt.
     """
-    from segment_deeplab.data.folder import SegmentationFolder
+    from segment_deeplab.data.folder import SegmentationFolder, resolve_workers
     from segment_deeplab.data.transforms import eval_transforms, train_transforms
 
     out = Path(out_dir)
@@ -146,7 +146,7 @@ def fit(
     sampler = schedule.EpochBatchSampler(
         len(train_set), cfg.data.batch_size, tc.seed, info.rank, info.world_size
     )
-    workers = cfg.data.workers if cfg.data.workers is not None else 2
+    workers = resolve_workers(cfg.data.workers, info.device)
     loader = torch.utils.data.DataLoader(
         schedule.SeededSamples(train_set),
         batch_sampler=sampler,

@@ -8,6 +8,7 @@ Each subcommand has an `_add_<name>(subparsers)` that declares its arguments and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from segment_deeplab import __version__
@@ -151,6 +152,10 @@ def _cmd_train(args) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes it
+        from segment_deeplab.report import write_report
+
+        print(f"wrote the report {write_report(out, device=args.device)}")
     best = f"{result.best_miou:.4f}" if result.best_miou is not None else "n/a"
     print(f"step {result.step}; best val mIoU {best}; checkpoints in {out}")
     if result.interrupted:

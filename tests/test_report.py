@@ -160,3 +160,15 @@ def test_charts_cope_with_single_points_gaps_and_missing_values():
     assert "no data" in line_chart([Series("a", [1], [None])], "empty")
     bars = class_bars(["bg", "x<y"], [(0, 0, 0), (255, 0, 0)], [0.9, None], [0.8, None])
     assert "n/a" in bars and "x&lt;y" in bars
+
+
+def test_eval_report_of_a_checkpoint_outside_a_run_lands_beside_the_metrics(
+    evaluated_run, dataset, tmp_path
+):
+    lone = tmp_path / "model.pt"
+    shutil.copy(evaluated_run / "best.pt", lone)
+    argv = ["eval", "--checkpoint", str(lone), "--data", str(dataset), "--output"]
+    assert main([*argv, str(tmp_path / "ev"), "--report", "--no-progress", "--device", "cpu"]) == 0
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert 'id="confusion"' in html and "missing: the confusion matrix" not in html
+    assert "resnet_18" in html and html.count("<img") == 16  # config and model from the file

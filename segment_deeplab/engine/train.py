@@ -216,7 +216,10 @@ def fit(
                 bar.update(1)
                 log.train(step, epoch, loss, lr, images.shape[0] * info.world_size, elapsed)
                 if step % tc.log_every == 0:
-                    bar.set_postfix(log.flush())
+                    postfix = log.flush()
+                    if budget:  # tqdm's ETA needs a step count; a time budget has its own
+                        postfix["left"] = _clock(max(budget - elapsed, 0.0))
+                    bar.set_postfix(postfix)
                 done = schedule.progress(step, total, elapsed, budget) >= 1.0
                 if step % tc.val_every == 0 or done:
                     miou = log.val(step, _validate(raw_model, val_set, spec, info))
@@ -241,6 +244,11 @@ def fit(
             _log_jsonl(out / "metrics.jsonl", {"step": step, "rank_weight_checksums": sums})
     distributed.teardown()
     return TrainResult(step, best, last_path, interrupted)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def _train_step(

@@ -96,10 +96,9 @@ def render_row(data: RunData, stem: str, miou: float, image, truth, pred) -> Row
     )
 
 
-def _tta(data: RunData, from_eval: bool) -> dict[str, Any]:
+def _tta(data: RunData) -> dict[str, Any]:
+    """eval's test-time options, so the shown predictions are the ones it ranked."""
     m = data.eval_metrics or {}
-    if not from_eval:
-        return {}
     return {
         "scales": m.get("scales") or (1.0,),
         "flip": bool(m.get("flip")),
@@ -120,6 +119,27 @@ def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:
     return ranked[:k], ranked[max(k, len(ranked) - count) :][::-1]
 
 
+def _rank_val(data: RunData, model) -> tuple[list[tuple[str, float]], str]:
+    """(stem, per-image mIoU) best first over at most RANK_LIMIT evenly spaced val images."""
+    from segment_deeplab.data.folder import SegmentationFolder
+    from segment_deeplab.metrics import image_miou
+
+    stems = data.spec.split_stems("val")
+    sample = stems[:: max(1, math.ceil(len(stems) / RANK_LIMIT))]
+    folder = SegmentationFolder(data.spec, stems=sample)
+    ranked = []
+    for i, stem in enumerate(sample):
+        image, truth = folder.load(i)
+        miou = image_miou(
+            truth, _predict(model, image, {}), data.spec.num_classes, data.ignore_index
+        )
+        if miou is not None:  # every pixel ignored
+            ranked.append((stem, miou))
+    ranked.sort(key=lambda r: -r[1])
+    of = f"{len(sample)} of {len(stems)}" if len(sample) < len(stems) else f"all {len(stems)}"
+    return ranked, f"per-image mIoU of {of} val images"
+
+
 def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Gallery:
     """Rank val images by per-image mIoU and draw the `count` best and worst.
 
@@ -131,7 +151,6 @@ def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Galler
     from segment_deeplab.data.folder import SegmentationFolder
     from segment_deeplab.engine.distributed import pick_device
     from segment_deeplab.engine.inference import prepare_model
-    from segment_deeplab.metrics import image_miou
 
     if data.spec is None:
         raise GalleryMissing(f"the val images: {data.notes.get('dataset', 'no dataset')}")
@@ -140,51 +159,36 @@ def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Galler
     # The ranking is that of eval's checkpoint; predict with the same weights.
     ckpt = recorded if recorded and Path(recorded).exists() else data.checkpoint
     if ckpt is None:
-        raise GalleryMissing("a checkpoint to predict with (no best.pt or last.pt yet)")
+        raise GalleryMissing("the gallery: no best.pt or last.pt to predict with yet")
     try:
         model, _, meta = load_model(ckpt)
     except CheckpointError as e:
-        raise GalleryMissing(f"a readable checkpoint ({e})") from e
+        raise GalleryMissing(f"the gallery: {e}") from e
     names = [c["name"] for c in meta["classes"]]
     if names != data.spec.class_names:
         raise GalleryMissing(
-            f"a dataset with the checkpoint's classes {names} (it has {data.spec.class_names})"
+            f"the gallery: the checkpoint's classes {names} differ from the dataset's "
+            f"{data.spec.class_names}"
         )
     model = prepare_model(model, pick_device(device))
-    tta, n_classes, ignore = _tta(data, from_eval), data.spec.num_classes, data.spec.ignore_index
     try:
         if from_eval:
-            ranked = sorted(data.per_image, key=lambda r: -r[1])
-            source = f"per-image mIoU of all {len(ranked)} images in {data.eval_dir}"
+            ranked, tta = sorted(data.per_image, key=lambda r: -r[1]), _tta(data)
+            split = (data.eval_metrics or {}).get("split", "?")
+            source = f"per-image mIoU of all {len(ranked)} {split} images in {data.eval_dir}"
         else:
-            stems = data.spec.split_stems("val")
-            step = max(1, math.ceil(len(stems) / RANK_LIMIT))
-            sample = stems[::step]
-            folder = SegmentationFolder(data.spec, stems=sample)
-            ranked = []
-            for i, stem in enumerate(sample):
-                image, truth = folder.load(i)
-                miou = image_miou(truth, _predict(model, image, tta), n_classes, ignore)
-                if miou is not None:
-                    ranked.append((stem, miou))
-            ranked.sort(key=lambda r: -r[1])
-            of = (
-                f"{len(sample)} of {len(stems)}"
-                if len(sample) < len(stems)
-                else f"all {len(stems)}"
-            )
-            source = f"per-image mIoU of {of} val images, predicted by {ckpt}"
+            ranked, source = _rank_val(data, model)
+            tta = {}
         best, worst = _pick(ranked, count)
-        shown = [s for s, _ in best + worst]
-        folder = SegmentationFolder(data.spec, stems=shown)
-        rows = {}
+        folder = SegmentationFolder(data.spec, stems=[s for s, _ in best + worst])
+        rows = []
         for i, (stem, miou) in enumerate(best + worst):
             image, truth = folder.load(i)
-            rows[stem] = render_row(data, stem, miou, image, truth, _predict(model, image, tta))
+            rows.append(render_row(data, stem, miou, image, truth, _predict(model, image, tta)))
     except DatasetError as e:
-        raise GalleryMissing(f"the val images ({e})") from e
+        raise GalleryMissing(f"the val images: {e}") from e
     finally:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return Gallery([rows[s] for s, _ in best], [rows[s] for s, _ in worst], source)
+    return Gallery(rows[: len(best)], rows[len(best) :], f"{source}, predicted by {ckpt}")

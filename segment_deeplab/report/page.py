@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
-from html import escape
+from html import escape, unescape
 from pathlib import Path
 
+from segment_deeplab import __version__
 from segment_deeplab.report import sections
 from segment_deeplab.report.gallery import GalleryMissing, build_gallery
 from segment_deeplab.report.runfolder import RunData, read_run
@@ -42,14 +44,14 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _progress(data: RunData) -> tuple[str, str]:
-    """(steps trained, whether the run reached its planned length)."""
+def _progress(data: RunData) -> tuple[str, str, str | None]:
+    """(steps trained, time trained, a note when the run is short of its planned length)."""
     from segment_deeplab.engine.schedule import parse_duration
 
-    last = data.checkpoints.get("last.pt") or {}
+    last = data.checkpoints.get("last.pt") or next(iter(data.checkpoints.values()), {})
     step = last.get("step") or (data.train[-1]["step"] if data.train else None)
     if step is None:
-        return "none", "no checkpoint yet"
+        return "none", "no checkpoint yet", None
     tc = data.config.get("train") or {}
     elapsed = last.get("elapsed_s") or (data.train[-1].get("elapsed_s") if data.train else None)
     detail = f"{_duration(elapsed)} of training"
@@ -58,16 +60,21 @@ def _progress(data: RunData) -> tuple[str, str]:
         budget = parse_duration(tc.get("time")) if not planned else None
     except ValueError:
         budget = None
+    note = None
     if (planned and step < planned) or (budget and elapsed is not None and elapsed < 0.98 * budget):
-        detail += f"; stopped early, continue with deeplab train --resume {data.run_dir}"
-    return f"{step:,}" + (f" / {planned:,}" if planned else ""), detail
+        detail += "; stopped early"
+        note = (
+            f"training is at step {step:,}, short of its planned end (stopped, or still "
+            f"running); continue a stopped run with `deeplab train --resume {data.run_dir}`"
+        )
+    return f"{step:,}" + (f" / {planned:,}" if planned else ""), detail, note
 
 
 def summary(data: RunData) -> str:
     model = data.config.get("model") or {}
     variant = model.get("model_variant", "?")
     arch = "DeepLab v3+" if model.get("decoder_output_stride") else "DeepLab v3"
-    steps, progress = _progress(data)
+    steps, progress, stopped = _progress(data)
     best = (data.checkpoints.get("best.pt") or {}).get("best_miou")
     vals = [r for r in data.val if r.get("miou") is not None]
     best_val = max(vals, key=lambda r: r["miou"]) if vals else None
@@ -76,8 +83,8 @@ def summary(data: RunData) -> str:
         _tile("steps", steps, progress),
     ]
     if best_val is not None:
-        tiles.append(_tile("best val mIoU", f"{100 * best_val['miou']:.1f}%",
-                           f"at step {best_val['step']:,}"))  # fmt: skip
+        value = f"{100 * best_val['miou']:.1f}%"
+        tiles.append(_tile("best val mIoU", value, f"at step {best_val['step']:,}"))
     elif best is not None:
         tiles.append(_tile("best val mIoU", f"{100 * best:.1f}%"))
     else:
@@ -89,7 +96,8 @@ def summary(data: RunData) -> str:
         if m.get("pixel_accuracy") is not None:
             tiles.append(_tile("pixel accuracy", f"{100 * m['pixel_accuracy']:.1f}%", detail))
     tiles.append(_tile("classes", str(len(data.classes)), f"ignore index {data.ignore_index}"))
-    notes = [v for k, v in data.notes.items() if k in ("dataset", "eval")]
+    notes = [stopped] if stopped else []
+    notes += [v for k, v in data.notes.items() if k in ("dataset", "eval")]
     note_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
     return (
         f'<section id="summary"><h2>Summary</h2><div class="tiles">{"".join(tiles)}</div>'
@@ -112,37 +120,42 @@ def build_report(
             shown = build_gallery(data, gallery, device)
         except GalleryMissing as e:
             shown = e
-    parts = [
-        summary(data),
-        sections.curves(data),
-        sections.class_iou(data),
-        sections.confusion(data),
-        sections.class_table(data),
-        sections.gallery(data, shown),
-        sections.config(data),
-    ]
-    body = "".join(parts)
+        except (RuntimeError, OSError, ValueError) as e:  # e.g. out of memory, unreadable image
+            shown = GalleryMissing(f"the gallery: {type(e).__name__}: {e}")
+    body = "".join(
+        [
+            summary(data),
+            sections.curves(data),
+            _pair(sections.class_iou(data), sections.confusion(data)),
+            sections.gallery(data, shown),
+            _pair(sections.class_table(data), sections.config(data)),
+        ]
+    )
     missing = [_text(p) for p in body.split('<p class="missing">')[1:]]
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     run = Path(run_dir)
     html = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(run.resolve().name)} - segment-deeplab report</title>"
+        f"<title>{escape(str(run))} - segment-deeplab report</title>"
         f"<style>{CSS}</style></head><body><main>"
-        f"<header><h1>Run report: {escape(run.resolve().name)}</h1>"
+        f"<header><h1>Run report: {escape(str(run))}</h1>"
         f'<p class="sub">{escape(str(run.resolve()))} &middot; written {now}</p></header>'
-        f"{body}<footer>segment-deeplab &middot; deeplab report {escape(str(run))}</footer>"
+        f"{body}<footer>segment-deeplab {__version__} &middot; deeplab report RUN_DIR</footer>"
         "</main></body></html>\n"
     )
     return Report(html, missing)
 
 
-def _text(fragment: str) -> str:
-    import re
-    from html import unescape
+def _pair(left: str, right: str) -> str:
+    """Two sections side by side (stacked on narrow screens)."""
+    return f'<div class="pair">{left}{right}</div>'
 
-    text = unescape(re.sub(r"<[^>]+>", "", fragment.split("</p>", 1)[0])).strip()
+
+def _text(fragment: str) -> str:
+    """The plain text of a "missing: ..." note, commands in backticks."""
+    text = fragment.split("</p>", 1)[0].replace("<code>", "`").replace("</code>", "`")
+    text = unescape(re.sub(r"<[^>]+>", "", text)).strip()
     return text.removeprefix("missing: ")
 
 

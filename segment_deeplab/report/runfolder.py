@@ -30,7 +30,8 @@ class RunData:
     val: list[dict[str, Any]] = field(default_factory=list)  # {step, miou, iou, ...}
     config_text: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> meta
+    # best.pt / last.pt (or an evaluated file's absolute path) -> meta without weights
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     classes: list[ClassInfo] = field(default_factory=list)
     ignore_index: int = 255
     spec: DatasetSpec | None = None
@@ -43,10 +44,10 @@ class RunData:
 
     @property
     def checkpoint(self) -> Path | None:
-        """best.pt, else last.pt: the weights the gallery predicts with."""
-        for name in CHECKPOINTS:
+        """best.pt, else last.pt (else the evaluated file): the weights the gallery uses."""
+        for name in (*CHECKPOINTS, *self.checkpoints):
             if name in self.checkpoints:
-                return self.run_dir / name
+                return self.run_dir / name  # an absolute name stays itself
         return None
 
 
@@ -79,7 +80,7 @@ def checkpoint_meta(path: Path) -> dict[str, Any] | None:
     try:
         # mmap: the weights are never read from disk, only the small entries.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is reported as missing
+    except Exception:  # any unreadable file is reported as missing
         return None
     if not isinstance(obj, dict) or "classes" not in obj:
         return None
@@ -110,7 +111,7 @@ def find_eval_dir(run: Path) -> Path | None:
 
 
 def read_eval(eval_dir: Path, data: RunData) -> None:
-    """metrics.json, confusion_matrix.csv and per_image.csv of an `deeplab eval` output."""
+    """metrics.json, confusion_matrix.csv and per_image.csv of a `deeplab eval` output."""
     data.eval_dir = eval_dir
     try:
         data.eval_metrics = json.loads((eval_dir / "metrics.json").read_text())
@@ -172,10 +173,18 @@ def read_run(run_dir: str | Path, eval_dir: str | Path | None = None) -> RunData
             data.notes["log"] = f"{bad} unreadable line(s) in metrics.jsonl were skipped"
     else:
         data.notes["log"] = "no metrics.jsonl (training has not logged a step yet)"
+    found = Path(eval_dir) if eval_dir is not None else find_eval_dir(run)
+    if found is not None:
+        read_eval(found, data)
     for name in CHECKPOINTS:
         meta = checkpoint_meta(run / name) if (run / name).is_file() else None
         if meta is not None:
             data.checkpoints[name] = meta
+    recorded = Path(str((data.eval_metrics or {}).get("checkpoint") or ""))
+    if not data.checkpoints and recorded.is_file():  # an evaluated checkpoint outside a run
+        meta = checkpoint_meta(recorded)
+        if meta is not None:
+            data.checkpoints[str(recorded.resolve())] = meta
     if (run / "config.yaml").is_file():
         data.config_text = (run / "config.yaml").read_text()
         data.config = yaml.safe_load(data.config_text) or {}
@@ -186,9 +195,6 @@ def read_run(run_dir: str | Path, eval_dir: str | Path | None = None) -> RunData
         meta = next(iter(data.checkpoints.values()))
         data.classes = [ClassInfo(c["id"], c["name"], tuple(c["color"])) for c in meta["classes"]]
         data.ignore_index = int(meta.get("ignore_index", 255))
-    found = Path(eval_dir) if eval_dir is not None else find_eval_dir(run)
-    if found is not None:
-        read_eval(found, data)
     _open_dataset(data)
     if data.spec is not None and not data.classes:
         data.classes, data.ignore_index = list(data.spec.classes), data.spec.ignore_index

@@ -6,6 +6,7 @@ which command adds it.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from html import escape
 
@@ -14,6 +15,9 @@ import numpy as np
 from segment_deeplab.report import svg
 from segment_deeplab.report.gallery import Gallery, GalleryMissing, Row
 from segment_deeplab.report.runfolder import RunData
+
+# More classes than this: the confusion matrix is eval's picture, not an HTML table.
+TABLE_CLASSES = 30
 
 
 def section(sid: str, title: str, body: str, source: str = "") -> str:
@@ -45,7 +49,7 @@ def curves(data: RunData) -> str:
         lr = svg.Series("lr", steps, [r.get("lr") for r in data.train], svg.LINE_COLORS[1])
         charts.append(svg.line_chart([lr], "learning rate", y_range=(0, None)))
     else:
-        notes.append(missing("training loss and learning rate (no training step logged yet)"))
+        notes.append(missing("training loss and learning rate: no training step logged yet"))
     if data.val:
         steps = [r["step"] for r in data.val]
         series = [svg.Series("mIoU", steps, [r.get("miou") for r in data.val], svg.LINE_COLORS[2])]
@@ -61,13 +65,13 @@ def curves(data: RunData) -> str:
         every = (data.config.get("train") or {}).get("val_every", "train.val_every")
         notes.append(
             missing(
-                f"validation curves (no validation yet: it runs every {every} steps and at the "
-                "end of training; the dataset needs a val split from `deeplab prepare`)"
+                f"validation curves: no validation yet (it runs every {every} steps and at "
+                "the end of training, on the dataset's val split)"
             )
         )
     source = "from metrics.jsonl" + (f"; {data.notes['log']}" if "log" in data.notes else "")
-    return section("curves", "Training curves", f'<div class="charts">{"".join(charts)}</div>'
-                   + "".join(notes), source)  # fmt: skip
+    body = f'<div class="charts">{"".join(charts)}</div>' + "".join(notes)
+    return section("curves", "Training curves", body, source)
 
 
 def _line_color(rgb: Sequence[int]) -> str:
@@ -107,17 +111,14 @@ def class_iou(data: RunData) -> str:
         iou, names = last["iou"], last.get("class_names") or [c.name for c in data.classes]
         source = f"validation at step {last['step']} (metrics.jsonl)"
     else:
-        body = missing("per-class IoU (no validation or evaluation yet)", eval_command(data))
+        body = missing("per-class IoU: no validation or evaluation yet", eval_command(data))
         return section("class-iou", "Per-class IoU", body)
     shares, share_src = _shares(data)
     colors = {c.name: c.color for c in data.classes}
     chart = svg.class_bars(names, [colors.get(n, (200, 200, 200)) for n in names], iou, shares)
     if share_src:
         source += f"; blue: IoU, {share_src}"
-    body = chart
-    if not m.get("iou"):
-        body += missing("a full evaluation with pixel counts", eval_command(data))
-    return section("class-iou", "Per-class IoU", body, source)
+    return section("class-iou", "Per-class IoU", chart, source)
 
 
 def _heat(v: float) -> tuple[str, str]:
@@ -128,9 +129,14 @@ def _heat(v: float) -> tuple[str, str]:
 
 def confusion(data: RunData) -> str:
     if data.confusion is None:
-        body = missing("the confusion matrix (no evaluation output)", eval_command(data))
+        body = missing("the confusion matrix: no evaluation output", eval_command(data))
         return section("confusion", "Confusion matrix", body)
     names, mat = data.confusion
+    png = data.eval_dir / "confusion_matrix.png"
+    if len(names) > TABLE_CLASSES and png.is_file():  # a table this wide helps nobody
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        body = f'<img class="cmimg" src="{uri}" alt="confusion matrix">'
+        return section("confusion", "Confusion matrix", body, f"{png}, rows are ground truth")
     rows = mat.sum(1, keepdims=True)
     frac = np.divide(mat, rows, out=np.zeros(mat.shape), where=rows > 0)
     head = "".join(f'<th class="col"><span>{escape(n)}</span></th>' for n in names)
@@ -152,13 +158,13 @@ def confusion(data: RunData) -> str:
         f"{data.eval_dir / 'confusion_matrix.csv'}: rows are ground truth, in % of the row's "
         "pixels; hover a cell for its pixel count"
     )
-    return section("confusion", "Confusion matrix", f'<table class="cm">{"".join(lines)}</table>',
-                   source)  # fmt: skip
+    body = f'<table class="cm">{"".join(lines)}</table>'
+    return section("confusion", "Confusion matrix", body, source)
 
 
 def class_table(data: RunData) -> str:
     if not data.classes:
-        return section("classes", "Classes", missing("the class list (no checkpoint or dataset)"))
+        return section("classes", "Classes", missing("the class list: no checkpoint or dataset"))
     stats = {c["id"]: c for c in ((data.spec.stats if data.spec else {}).get("classes") or [])}
     iou = (data.eval_metrics or {}).get("iou") or (data.val[-1].get("iou") if data.val else None)
     head = ["id", "", "class", "colour", "pixel share", "images", "IoU"]
@@ -193,7 +199,7 @@ def _num(h: str) -> str:
 def config(data: RunData) -> str:
     if not data.config_text:
         return section(
-            "config", "Config", missing("the run's config (no config.yaml, no checkpoint)")
+            "config", "Config", missing("the run's config: no config.yaml, no checkpoint")
         )
     source = "config.yaml of the run" if (data.run_dir / "config.yaml").is_file() else "checkpoint"
     return section("config", "Config", f"<pre>{escape(data.config_text)}</pre>", source)
@@ -203,19 +209,24 @@ def _rows(rows: Sequence[Row]) -> str:
     out = []
     for r in rows:
         score = f'<div class="score">mIoU {_pct(r.miou)}</div>'
-        label = f'<div><div class="stem">{escape(r.stem)}</div>{score}</div>'
-        imgs = [(r.image, "photo", "image"), (r.truth, "", "ground truth"),
-                (r.pred, "", "prediction"), (r.error, "", "error map")]  # fmt: skip
-        out.append(label + "".join(
-            f'<img class="{c}" src="{u}" alt="{escape(r.stem)} {a}">' for u, c, a in imgs
-        ))  # fmt: skip
+        out.append(f'<div><div class="stem">{escape(r.stem)}</div>{score}</div>')
+        pictures = (
+            (r.image, "photo", "image"),
+            (r.truth, "mask", "ground truth"),
+            (r.pred, "mask", "prediction"),
+            (r.error, "mask", "error map"),
+        )
+        for uri, cls, alt in pictures:
+            out.append(f'<img class="{cls}" src="{uri}" alt="{escape(r.stem)} {alt}">')
     return "".join(out)
 
 
 def gallery(data: RunData, result: Gallery | GalleryMissing | None) -> str:
     if result is None:
         return section(
-            "gallery", "Best and worst validation images", missing("the gallery (turned off)")
+            "gallery",
+            "Best and worst validation images",
+            missing("the gallery: turned off (--gallery 0)"),
         )
     if isinstance(result, GalleryMissing):
         body = missing(str(result), eval_command(data))

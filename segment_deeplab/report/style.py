@@ -10,6 +10,9 @@ header h1 { font-size: 22px; margin: 0 0 2px; }
 header .sub { color: var(--muted); margin: 0 0 14px; word-break: break-all; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 10px;
   padding: 14px 18px 16px; margin: 0 0 16px; }
+.pair { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px;
+  align-items: start; }
+@media (max-width: 820px) { .pair { grid-template-columns: minmax(0, 1fr); gap: 0; } }
 section h2 { font-size: 16px; margin: 0 0 4px; }
 .src { color: var(--muted); font-size: 12.5px; margin: 0 0 10px; }
 .tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
@@ -48,6 +51,7 @@ table.cm th { font-weight: 500; font-size: 12px; padding: 2px 6px; }
 table.cm th.row { text-align: right; white-space: nowrap; }
 table.cm th.col { vertical-align: bottom; height: 90px; }
 table.cm th.col span { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap; }
+img.cmimg { max-width: 100%; height: auto; }
 .axis { color: var(--muted); font-size: 12px; }
 pre { background: #f6f7f9; border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
   font-size: 12.5px; overflow: auto; max-height: 520px; margin: 0; }

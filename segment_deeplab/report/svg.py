@@ -148,14 +148,14 @@ def class_bars(
     colors: Sequence[tuple[int, int, int]],
     iou: Sequence[float | None],
     share: Sequence[float | None] | None,
-    width: int = 760,
+    width: int = 480,
 ) -> str:
     """Horizontal per-class bars: IoU (blue, 0..100%) and the class's share of pixels (grey).
 
     A class without an IoU (absent from ground truth and prediction) reads "n/a".
     """
     row = 34 if share is not None else 22
-    label_w, value_w, top = 170, 70, 8
+    label_w, value_w, top = 130, 64, 8
     bar_w = width - label_w - value_w - 10
     height = top + row * len(names) + 22
     out = [
@@ -173,7 +173,7 @@ def class_bars(
             f'<rect x="0" y="{y + 3}" width="12" height="12" fill="rgb({r},{g},{b})" '
             'stroke="#555" stroke-width="0.5"/>'
         )
-        label = name if len(name) <= 22 else name[:21] + "\u2026"
+        label = name if len(name) <= 16 else name[:15] + "\u2026"
         out.append(f'<text x="18" y="{y + 13}" class="bl">{escape(label)}</text>')
         v = iou[i] if i < len(iou) else None
         if v is None:

@@ -162,9 +162,7 @@ def table(project: dict, peer: dict) -> str:
     ]
     for label, r in (("segment-deeplab", project), ("peer (smp + torchvision ref.)", peer)):
         cells = " | ".join(pct(v) for v in r["iou"])
-        lines.append(
-            f"| {label} | {cells} | **{pct(r['miou'])}** | {r['steps']} | {r['images']} |"
-        )
+        lines.append(f"| {label} | {cells} | **{pct(r['miou'])}** | {r['steps']} | {r['images']} |")
     return "\n".join(lines)
 
 

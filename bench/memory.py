@@ -44,8 +44,13 @@ def child(who: str, what: str, config: str, steps: int) -> None:
         model = build_model(cfg.model)
         (h, w), b = cfg.data.crop_size, cfg.data.batch_size
     else:
-        from peer_smp import NormalizedPeer, build_peer, normalize_batch, peer_optimizer
-        from peer_smp import peer_train_step
+        from peer_smp import (
+            NormalizedPeer,
+            build_peer,
+            normalize_batch,
+            peer_optimizer,
+            peer_train_step,
+        )
 
         model = build_peer("resnet_18", NUM_CLASSES)
         (h, w), b = (320, 320), 8

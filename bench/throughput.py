@@ -202,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    rows = [r for v in args.backbones for r in bench_backbone(v, args)]
+    rows = []
+    for v in args.backbones:
+        rows += bench_backbone(v, args)
+        print(markdown(rows, args), file=sys.stderr, flush=True)  # partial results
     text = f"{machine()}\n\n{markdown(rows, args)}"
     print(text)
     if args.json:

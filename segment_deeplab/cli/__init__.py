@@ -1,0 +1,58 @@
+"""The `deeplab` command line: argparse subcommands with thin handlers over the library.
+
+Each module here adds its subcommands with `register(subparsers)`; a handler takes the
+parsed arguments and returns the exit status. Errors the user can fix (DatasetError,
+ConfigError, CheckpointError, ModelError, UserError) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from segment_deeplab import __version__
+from segment_deeplab.cli import data, export, inference, train
+from segment_deeplab.cli.common import UserError
+
+__all__ = ["UserError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeplab",
+        description="DeepLab v3 / v3+ semantic segmentation for your own images and masks.",
+    )
+    parser.add_argument("--version", action="version", version=f"segment-deeplab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (data, train, inference, export):
+        module.register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Imported here so `deeplab --help` stays fast (no torch import).
+    from segment_deeplab.checkpoint import CheckpointError
+    from segment_deeplab.config import ConfigError
+    from segment_deeplab.data.dataset_spec import DatasetError
+    from segment_deeplab.models import ModelError
+
+    return (UserError, ConfigError, DatasetError, CheckpointError, ModelError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Pieces the subcommands share: the user-error type and common argument groups."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed without a traceback."""
+
+
+def dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument(
+        "dataset",
+        nargs="?" if not required else None,
+        help="dataset folder (images/ + masks/ + dataset.yaml) or a dataset.yaml",
+    )
+    g.add_argument("--images", metavar="DIR", help="image folder, for other layouts")
+    g.add_argument("--masks", metavar="DIR", help="mask folder, for other layouts")
+    g.add_argument("--spec", metavar="FILE", help="a dataset.yaml kept elsewhere")
+
+
+def tta_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (TF DeepLab eval_scales, add_flipped_images)")
+    g.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], metavar="S",
+        help="average over these input scales, e.g. 0.5 0.75 1.0 1.25 1.5 1.75",
+    )  # fmt: skip
+    g.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    g.add_argument(
+        "--window", type=int, metavar="N",
+        help="tile images larger than N pixels (e.g. 513): full resolution without OOM",
+    )  # fmt: skip
+    g.add_argument(
+        "--batch-size", type=int, default=1, metavar="N", help="same-size images per pass"
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_tta(args) -> None:
+    """Reject a bad device or inference option before any model is loaded."""
+    from segment_deeplab.engine.distributed import pick_device
+
+    try:
+        pick_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--device {args.device}: {e}") from e
+    if any(s <= 0 for s in args.scales):
+        raise UserError(f"--scales must be positive, got {args.scales}")
+    if args.window is not None and args.window < 16:
+        raise UserError(f"--window must be at least 16 pixels, got {args.window}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")

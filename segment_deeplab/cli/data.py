@@ -1,0 +1,148 @@
+"""`deeplab synth`, `validate`, `prepare`: from two folders to a checked dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from segment_deeplab.cli.common import dataset_args
+
+
+def _add_synth(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("synth", help="generate a small synthetic dataset (demo, tests)")
+    p.add_argument("output", help="folder to write images/, masks/ and dataset.yaml into")
+    p.add_argument("--num", type=int, default=64, help="number of image/mask pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, default=[128, 160], metavar=("H", "W"))
+    p.add_argument("--classes", type=int, default=4, help="classes including background")
+    return p
+
+
+def _cmd_synth(args) -> int:
+    from segment_deeplab.data.synthetic import generate
+
+    spec = generate(
+        args.output, num=args.num, seed=args.seed, size=tuple(args.size), num_classes=args.classes
+    )
+    print(f"wrote {args.num} pairs and {spec} ({args.classes} classes)")
+    return 0
+
+
+def _add_validate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "validate",
+        help="check every image/mask pair and report every problem",
+        description="Read every image/mask pair and list every problem per file; exit 1 on "
+        "errors (warnings do not fail). Without dataset.yaml, checks against the ids the "
+        "masks contain.",
+    )
+    dataset_args(p, required=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--workers", type=int, metavar="N", help="reader processes (default: cores)")
+    return p
+
+
+def _cmd_validate(args) -> int:
+    import json
+
+    from segment_deeplab.data.dataset_spec import resolve_dataset
+    from segment_deeplab.data.validate import format_report, validate_dataset
+
+    spec, image_dir, mask_dir, raw = resolve_dataset(
+        args.dataset, args.images, args.masks, args.spec
+    )
+    report = validate_dataset(
+        spec,
+        image_dir,
+        mask_dir,
+        ignore_color=raw.get("ignore_color"),
+        workers=args.workers,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _add_prepare(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "prepare",
+        help="validate, split train/val and write dataset.yaml with class statistics",
+        description="Validate (after --remap), then write a seeded train/val split, class "
+        "statistics and a content hash into dataset.yaml. Original files are never modified.",
+    )
+    dataset_args(p, required=False)
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="write dataset.yaml and splits/ (and converted masks) here instead of the "
+        "dataset folder, e.g. for read-only data",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.2, metavar="F", help="share of pairs for val (0.2)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (0)")
+    p.add_argument(
+        "--remap",
+        nargs="+",
+        metavar="SRC:DST",
+        help="change mask values before checking them, e.g. 255:1 for 0/255 binary masks; "
+        "writes new masks",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--workers", type=int, metavar="N", help="reader processes (default: cores)")
+    return p
+
+
+def _cmd_prepare(args) -> int:
+    import json
+
+    from segment_deeplab.data.prepare import ValidationFailed, parse_remap, prepare_dataset
+    from segment_deeplab.data.validate import format_report
+
+    try:
+        res = prepare_dataset(
+            args.dataset,
+            images=args.images,
+            masks=args.masks,
+            spec=args.spec,
+            output=args.output,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            remap=parse_remap(args.remap),
+            workers=args.workers,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+    except ValidationFailed as e:
+        print(json.dumps(e.report.to_dict()) if args.json else format_report(e.report))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res.to_dict()))
+        return 0
+    for w in res.report.warnings:
+        print(f"warning {w.code}: {w.message}")
+    stats = res.spec.stats
+    print(
+        f"{len(res.train)} train / {len(res.val)} val pairs (seed {args.seed}), "
+        f"{res.spec.num_classes} classes, ignore {res.spec.ignore_index} "
+        f"({stats['ignore_share']:.1%} of pixels)"
+    )
+    if res.converted_masks:
+        print(f"wrote index masks to {res.converted_masks} (your masks are unchanged)")
+    print(f"wrote {res.spec_path} and its splits/ ({res.spec.hash[:19]}...)")
+    if res.placeholders:
+        print(
+            f"there was no dataset.yaml: the classes are placeholders named class_<id> with "
+            f"default colours; edit their names and colours in {res.spec_path}"
+        )
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `deeplab` parser."""
+    _add_synth(sub).set_defaults(handler=_cmd_synth)
+    _add_validate(sub).set_defaults(handler=_cmd_validate)
+    _add_prepare(sub).set_defaults(handler=_cmd_prepare)

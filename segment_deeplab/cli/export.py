@@ -1,0 +1,78 @@
+"""`deeplab export`: ONNX, TorchScript or safetensors, checked against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from segment_deeplab.cli.common import UserError
+
+
+def _add_export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX, TorchScript or safetensors, with a parity check",
+        description="Write the model with its classes, colours and normalisation inside, "
+        "after checking the reloaded file against PyTorch (max logit difference, argmax "
+        "agreement); a file that disagrees is not written and the exit status is 1.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--output", required=True, metavar="FILE", help="file to write")
+    p.add_argument(
+        "--format", dest="fmt", metavar="FORMAT",
+        help="onnx, torchscript or safetensors (default: from the --output suffix)",
+    )  # fmt: skip
+    p.add_argument(
+        "--with-preprocessing", action="store_true",
+        help="take uint8 (N, H, W, 3) RGB images as they are decoded; no scaling by the caller",
+    )  # fmt: skip
+    p.add_argument(
+        "--with-argmax", action="store_true", help="output class ids (N, H, W) instead of logits"
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--data", metavar="DATASET", help="dataset or image folder for the parity check")
+    p.add_argument("--spec", metavar="FILE", help="a dataset.yaml kept elsewhere")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _cmd_export(args) -> int:
+    import json
+
+    from segment_deeplab.engine.export import ExportError, export
+    from segment_deeplab.engine.exported import ParityError
+
+    try:
+        result = export(
+            args.checkpoint,
+            args.output,
+            fmt=args.fmt,
+            preprocessing=args.with_preprocessing,
+            argmax=args.with_argmax,
+            opset=args.opset,
+            data=args.data,
+            spec=args.spec,
+        )
+    except ParityError as e:
+        print(f"error: parity check failed: {e}; nothing written to {args.output}", file=sys.stderr)
+        return 1
+    except ExportError as e:
+        raise UserError(str(e)) from e
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif result.path is not None:
+        print(f"wrote {result.path} ({result.format}, {result.seconds:.1f} s)")
+    if not args.json or not result.parity.passed:
+        print(result.parity.summary(), file=sys.stdout if result.parity.passed else sys.stderr)
+    if not result.parity.passed:
+        print(
+            f"error: the exported model does not match PyTorch; nothing written to {args.output}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the `deeplab` parser."""
+    _add_export(sub).set_defaults(handler=_cmd_export)

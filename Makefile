@@ -18,6 +18,7 @@ demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # Throughput, loader, eval speed and memory against the peer (smp); see BENCHMARKS.md.

@@ -164,9 +164,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(f"unknown config section '{p}' in '{key}'")
             node = node[p]
         if parts[-1] not in node:
+            section = ".".join(parts[:-1])
+            full = [f"{section}.{k}" for k in node]
             raise ConfigError(
-                f"unknown config key '{key}'.{_closest(parts[-1], list(node))} "
-                f"Valid keys: {', '.join(node)}"
+                f"unknown config key '{key}'.{_closest('.'.join(parts), full)} "
+                f"Valid keys: {', '.join(full)}"
             )
         node[parts[-1]] = _parse_value(text)
     return Config.from_dict(d)

@@ -1,0 +1,119 @@
+"""Config loading and overrides, the shipped configs, schedules and losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segment_deeplab.config import Config, ConfigError, load_config, save_config
+from segment_deeplab.engine import schedule
+from segment_deeplab.losses import auto_class_weights, build_loss, cross_entropy
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_overrides_parse_yaml_values_and_short_keys():
+    cfg = load_config(
+        None, ["train.lr=0.02", "atrous_rates=[12,24,36]", "decoder_output_stride=null"]
+    )
+    assert cfg.train.lr == 0.02
+    assert cfg.model.atrous_rates == [12, 24, 36]
+    assert cfg.model.decoder_output_stride is None
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'model.output_stride'"):
+        load_config(None, ["model.output_strid=8"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.model_variant=xception_65", "data.crop_size=[321,321]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.model_variant
+    assert len(cfg.data.crop_size) == 2
+
+
+def test_tutorial_config_matches_the_tf_flags():
+    cfg = load_config(Path(CONFIGS[0]).parent / "deeplabv3plus_xception65_custom_513.yaml")
+    m = cfg.model
+    assert (m.model_variant, m.atrous_rates, m.output_stride) == ("xception_65", [6, 12, 18], 16)
+    assert m.decoder_output_stride == 4 and cfg.data.crop_size == [513, 513]
+    assert cfg.data.batch_size == 1 and cfg.train.steps == 30000
+
+
+def test_durations():
+    assert schedule.parse_duration("90s") == 90
+    assert schedule.parse_duration("20m") == 1200
+    assert schedule.parse_duration("1h30m") == 5400
+    assert schedule.parse_duration("45") == 45
+    with pytest.raises(ConfigError, match="20m"):
+        schedule.parse_duration("twenty minutes")
+
+
+def test_poly_schedule_with_warmup():
+    tc = load_config(None, ["train.lr=0.1", "train.warmup_steps=4", "train.poly_power=0.9"]).train
+    assert schedule.get_lr(tc, 0, 0.0) == pytest.approx(0.025)
+    assert schedule.get_lr(tc, 3, 0.03) == pytest.approx(0.1)
+    assert schedule.get_lr(tc, 50, 0.5) == pytest.approx(0.1 * 0.5**0.9)
+    # a time budget drives the schedule when it is further along than the steps
+    assert schedule.progress(10, 100, elapsed=30, budget=60) == 0.5
+    assert schedule.progress(10, None, elapsed=90, budget=60) == 1.0
+
+
+def test_batches_are_seeded_sharded_and_resumable():
+    full = schedule.EpochBatchSampler(20, 2, seed=3, rank=0, world=1)
+    full.set_epoch(1)
+    batches = list(full)
+    again = schedule.EpochBatchSampler(20, 2, seed=3)
+    again.set_epoch(1, start_batch=4)
+    assert list(again) == batches[4:]
+    other = schedule.EpochBatchSampler(20, 2, seed=4)
+    other.set_epoch(1)
+    assert list(other) != batches
+    r0, r1 = (schedule.EpochBatchSampler(20, 2, seed=3, rank=r, world=2) for r in (0, 1))
+    for s in (r0, r1):
+        s.set_epoch(1)
+    seen = [i for b in list(r0) + list(r1) for i, _ in b]
+    assert len(seen) == len(set(seen)) == 20
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        schedule.EpochBatchSampler(3, 4, seed=0)
+
+
+def test_losses_honour_the_ignore_index():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6)
+    target = torch.randint(0, 3, (2, 5, 6))
+    target[0, :2] = 255
+    ref = F.cross_entropy(logits, target, ignore_index=255)
+    assert cross_entropy(logits, target, 255) == pytest.approx(ref.item())
+    # top-k keeps the hardest pixels: its mean is at least the plain mean
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    valid = int((target != 255).sum())
+    top = per_pixel.flatten().topk(valid // 4).values.mean()
+    assert cross_entropy(logits, target, 255, top_k_percent=0.25) == pytest.approx(top.item())
+    tc = load_config(None, ["train.loss=ce+dice"]).train
+    assert build_loss(tc, 3, 255)(logits, target) > ref
+    all_ignored = torch.full_like(target, 255)
+    tc = load_config(None, ["train.loss=dice"]).train
+    assert build_loss(tc, 3, 255)(logits, all_ignored) == 0
+
+
+def test_auto_class_weights_favour_rare_classes():
+    w = auto_class_weights([900, 90, 10])
+    assert w[0] < w[1] < w[2]
+    assert sum(w) / 3 == pytest.approx(1.0)
+    tc = load_config(None, ["train.class_weights=auto"]).train
+    with pytest.raises(ConfigError, match="deeplab prepare"):
+        build_loss(tc, 3, 255, class_pixels=None)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
         )  # fmt: skip
         return 0
-    rounds = ["--rounds", "2"] if args.quick else ["--rounds", "3"]
+    rounds = ["--rounds", "3"] if args.quick else ["--rounds", "5"]
     backbones = ["resnet_18"] if args.quick else ["resnet_18", "resnet_50"]
     _run("throughput", ["throughput.py", "--backbones", *backbones, *rounds], out)
     _run("loader", ["loader.py", "--data", data, "--config", RECIPE], out)

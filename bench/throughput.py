@@ -156,6 +156,8 @@ def bench_backbone(variant: str, args: argparse.Namespace) -> list[dict]:
                 "infer_img_s": args.batch / statistics.median(t["infer"]),
                 "train_ratio": tr,
                 "infer_ratio": ir,
+                "train_s": t["train"],
+                "infer_s": t["infer"],
             }
         )
     return rows
@@ -191,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["resnet_18", "resnet_50"])
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=["off", "bf16"], default="off")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=1, help="steps per contender per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matched-only", action="store_true", help="skip the TF-default head")
     p.add_argument("--json", help="also write the rows here")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,13 @@ def fit(
         return path
 
     log = _RunLog(out / "metrics.jsonl", writer, spec, info.is_main)
-    bar = tqdm(total=total, initial=step, disable=not (progress and info.is_main), unit="step")
+    bar = tqdm(
+        total=total,
+        initial=step,
+        disable=not (progress and info.is_main),
+        unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # logs get a line per 30 s
+    )
     last_path = state.path if state else None
     interrupted = False
     done = schedule.progress(step, total, elapsed, budget) >= 1.0  # a finished run resumed

@@ -4,45 +4,24 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import shutil
-import signal
 import subprocess
 
 import numpy as np
 import pytest
+from helpers import TINY, stop_at
 from PIL import Image
 
 from segment_deeplab.cli import main
 from segment_deeplab.config import load_config, save_config
 from segment_deeplab.data.dataset_spec import open_dataset
-from segment_deeplab.engine import train as train_mod
 from segment_deeplab.engine.train import fit
 from segment_deeplab.report import build_report, write_report
 from segment_deeplab.report.svg import Series, class_bars, line_chart, nice_ticks
 
 SECTIONS = ("summary", "curves", "class-iou", "confusion", "classes", "gallery", "config")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-TINY = [
-    "model.model_variant=resnet_18",
-    "model.aspp_channels=16",
-    "model.decoder_channels=16",
-    "model.low_level_channels=8",
-    "data.crop_size=[64,64]",
-    "data.batch_size=4",
-    "data.workers=0",
-    "train.log_every=1",
-    "train.checkpoint_every=1000",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    assert main(["synth", str(root), "--num", "16", "--size", "64", "80", "--seed", "2"]) == 0
-    assert main(["prepare", str(root), "--val-fraction", "0.25"]) == 0
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -99,25 +78,12 @@ def test_report_of_an_evaluated_run_renders_every_section_in_chromium(evaluated_
     assert shot.std() > 10 and len(colours) > 200  # text, charts and pictures, not blank
 
 
-def _stop_at(monkeypatch, at_call: int) -> None:
-    """SIGTERM to ourselves during the `at_call`-th training step (as Ctrl-C would)."""
-    real, calls = train_mod._train_step, {"n": 0}
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "_train_step", step)
-
-
 def test_interrupted_run_without_validation_says_what_is_missing(
     dataset, tmp_path, monkeypatch, capsys
 ):
     data = shutil.copytree(dataset, tmp_path / "data")
     cfg = load_config(None, [*TINY, "train.steps=50", "train.val_every=1000"])
-    _stop_at(monkeypatch, 2)
+    stop_at(monkeypatch, 2)
     run = tmp_path / "run"
     assert fit(cfg, open_dataset(data), run, progress=False, device="cpu").interrupted
     monkeypatch.undo()

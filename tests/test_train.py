@@ -12,35 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, stop_at
 
 from segment_deeplab.checkpoint import load_file, load_model
-from segment_deeplab.cli import main
 from segment_deeplab.config import ConfigError, load_config
 from segment_deeplab.data.dataset_spec import open_dataset
 from segment_deeplab.engine import train as train_mod
 from segment_deeplab.engine.train import TrainingError, fit
-
-TINY = [
-    "model.model_variant=resnet_18",
-    "model.aspp_channels=16",
-    "model.decoder_channels=16",
-    "model.low_level_channels=8",
-    "data.crop_size=[64,64]",
-    "data.batch_size=4",
-    "data.workers=0",
-    "train.lr=0.02",
-    "train.log_every=1",
-    "train.val_every=1000",
-    "train.checkpoint_every=1000",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    assert main(["synth", str(root), "--num", "16", "--size", "64", "80", "--seed", "1"]) == 0
-    assert main(["prepare", str(root), "--val-fraction", "0.25"]) == 0
-    return root
 
 
 def _cfg(*extra: str):
@@ -70,30 +48,12 @@ def _lrs(run: Path) -> list[float]:
     return [r["lr"] for r in recs if "lr" in r]
 
 
-def _lrs(run: Path) -> list[float]:
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["lr"] for r in recs if "lr" in r]
-
-
-def _stop_at(monkeypatch, at_call: int) -> None:
-    """Deliver SIGTERM to ourselves during the `at_call`-th training step."""
-    real, calls = train_mod._train_step, {"n": 0}
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "_train_step", step)
-
-
 def test_resume_gives_the_weights_of_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
     spec = open_dataset(dataset)
     extra = ("train.steps=8", "train.warmup_steps=2", "model.dropout=0.3")
     fit(_cfg(*extra), spec, tmp_path / "full", progress=False)
 
-    _stop_at(monkeypatch, 3)
+    stop_at(monkeypatch, 3)
     stopped = fit(_cfg(*extra), spec, tmp_path / "cut", progress=False)
     assert stopped.interrupted and stopped.step == 3
     monkeypatch.undo()

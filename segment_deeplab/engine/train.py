@@ -168,12 +168,13 @@ def fit(
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        spec.save(out / "dataset.yaml") if spec.path is None else None
+        if spec.path is None:  # a dataset described on the fly: keep its description
+            spec.save(out / "dataset.yaml")
     writer = _tensorboard(out) if info.is_main else None
     raw_model = model.module if hasattr(model, "module") else model
     train_model = torch.compile(model) if tc.compile else model
 
-    def save(name: str, miou: float | None = None) -> Path:
+    def save(name: str) -> Path:
         ckpt = make_checkpoint(raw_model, optimizer, scaler, cfg, spec, step, elapsed, best)
         path = out / name
         if info.is_main:
@@ -214,8 +215,8 @@ def fit(
                     keep = f"the last good checkpoint is {last_path}" if last_path else ""
                     raise TrainingError(
                         f"the loss became {loss} at step {step}; {keep or 'no checkpoint yet'}. "
-                        "Lower train.lr, "
-                        "set train.warmup_steps, or check the masks with `deeplab validate`"
+                        "Lower train.lr, set train.warmup_steps, or check the masks with "
+                        "`deeplab validate`"
                     )
                 step += 1
                 # Every rank must agree on when a time budget ends: rank 0's clock decides.

@@ -1,0 +1,45 @@
+"""Test helpers: a tiny model config, a tiny prepared dataset, a SIGTERM at a given step."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from segment_deeplab.cli import main
+from segment_deeplab.engine import train as train_mod
+
+# A DeepLabV3+ small enough to train a few steps in seconds on a CPU.
+TINY = [
+    "model.model_variant=resnet_18",
+    "model.aspp_channels=16",
+    "model.decoder_channels=16",
+    "model.low_level_channels=8",
+    "data.crop_size=[64,64]",
+    "data.batch_size=4",
+    "data.workers=0",
+    "train.lr=0.02",
+    "train.log_every=1",
+    "train.val_every=1000",
+    "train.checkpoint_every=1000",
+]
+
+
+def make_dataset(root: Path, seed: int = 1) -> Path:
+    """16 synthetic 64x80 pairs, prepared with a 12/4 train/val split."""
+    assert main(["synth", str(root), "--num", "16", "--size", "64", "80", "--seed", str(seed)]) == 0
+    assert main(["prepare", str(root), "--val-fraction", "0.25"]) == 0
+    return root
+
+
+def stop_at(monkeypatch, at_call: int) -> None:
+    """Deliver SIGTERM to ourselves during the `at_call`-th training step (as Ctrl-C would)."""
+    real, calls = train_mod._train_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_train_step", step)

@@ -39,7 +39,7 @@ def child(who: str, what: str, config: str, steps: int) -> None:
         from segment_deeplab.losses import build_loss
         from segment_deeplab.models import build_model
 
-        cfg = load_config(config)
+        cfg = load_config(config, ["train.class_weights=null"])  # weights cost no memory
         cfg.model.num_classes = NUM_CLASSES
         model = build_model(cfg.model)
         (h, w), b = cfg.data.crop_size, cfg.data.batch_size

@@ -1,7 +1,7 @@
 """Every benchmark behind BENCHMARKS.md, in one run; `make bench` calls this.
 
-    python bench/run_all.py              # throughput, loader, eval speed, memory (~15 min)
-    python bench/run_all.py --quick      # the same, fewer rounds and resnet_18 only (~4 min)
+    python bench/run_all.py              # throughput, loader, eval speed, memory (~6 min)
+    python bench/run_all.py --quick      # the same, fewer rounds and resnet_18 only (~3 min)
     python bench/run_all.py --accuracy   # only the 20-minute CamVid comparison (~25 min)
 
 Tables go to stdout and to runs/bench/<name>.md; CamVid (CAMVID=/path, default the
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds = ["--rounds", "3"] if args.quick else ["--rounds", "5"]
     backbones = ["resnet_18"] if args.quick else ["resnet_18", "resnet_50"]
-    _run("throughput", ["throughput.py", "--backbones", *backbones, *rounds], out)
+    quick = ["--quick"] if args.quick else []
+    _run("throughput", ["throughput.py", "--backbones", *backbones, *rounds, *quick], out)
     _run("loader", ["loader.py", "--data", data, "--config", RECIPE], out)
     _run("eval_speed", ["eval_speed.py", "--data", data, "--config", RECIPE, *rounds], out)
     _run("memory", ["memory.py", "--config", RECIPE], out)

@@ -7,19 +7,24 @@ Each round times a few steps of every contender in turn, so a machine that slows
 midway slows all of them alike; the table reports the median over rounds and the
 ratio project / peer. Contenders for each backbone:
 
-- peer: smp DeepLabV3Plus (defaults) in torchvision's reference step (`peer_smp.py`).
+- peer: smp DeepLabV3Plus (defaults) in torchvision's reference step (`peer_smp.py`),
+  fp32 and contiguous as that loop runs on a CPU; on CPUs where the project trains in
+  bf16 (AMX), also the peer with channels_last + bf16 autocast added by hand.
 - project: `build_model` + the project's own train step (`engine/train.py::_train_step`,
-  uint8 in, channels_last, foreach SGD), once with the head matched to smp's
-  (separable ASPP and decoder convs) and once at TF DeepLab's defaults (full 3x3 convs,
-  about twice the peer's decoder FLOPs).
+  uint8 in, channels_last, foreach SGD, `train.amp=auto`), with the head matched to
+  smp's (separable ASPP and decoder convs), the same in fp32, and at TF DeepLab's
+  defaults (full 3x3 convs, about twice the peer's decoder FLOPs).
 
-Inference is a forward pass under `torch.inference_mode` on a batch: the project's
-`predict_probs` path (uint8 in, softmax out), the peer's plain `model(x)`.
+Inference is one batch under `torch.inference_mode`: the peer's plain `model(x)`; the
+project's `predict_probs` (uint8 in, softmax out) with the model laid out as
+`inference.prepare_model` does, and with the proposed change (channels_last + bf16
+autocast where the CPU has AMX, as training does).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -33,8 +38,8 @@ from common import cpu_info, gflops, machine  # noqa: E402
 from peer_smp import build_peer, normalize_batch, peer_optimizer, peer_train_step  # noqa: E402
 
 from segment_deeplab.config import Config  # noqa: E402
-from segment_deeplab.engine.inference import predict_probs  # noqa: E402
-from segment_deeplab.engine.runstate import build_optimizer  # noqa: E402
+from segment_deeplab.engine.inference import predict_probs, prepare_model  # noqa: E402
+from segment_deeplab.engine.runstate import build_optimizer, resolve_amp  # noqa: E402
 from segment_deeplab.engine.train import _train_step  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
@@ -43,10 +48,21 @@ NUM_CLASSES = 11
 
 
 class Contender:
-    """One model with a train step and an inference step on fixed random batches."""
+    """One model with a train step and inference steps on fixed random batches.
 
-    def __init__(self, name: str, variant: str, args: argparse.Namespace, head: str) -> None:
-        self.name, self.variant, self.head = name, variant, head
+    Args:
+        kind: "peer" (smp + torchvision reference step) or "project".
+        head: "smp", "matched" (project, separable head as smp's) or "default" (project,
+            TF DeepLab's full 3x3 convs).
+        amp: training autocast dtype (None: fp32).
+        tuned: peer only: channels_last and `amp` applied by hand.
+        infer: time inference for this contender.
+    """
+
+    def __init__(self, kind, variant, head, args, amp=None, tuned=False, infer=True) -> None:
+        self.kind, self.variant, self.head = kind, variant, head
+        self.amp, self.tuned, self.infer = amp, tuned, infer
+        self.compile = args.compile
         self.device = torch.device(args.device)
         b, s = args.batch, args.size
         g = torch.Generator().manual_seed(0)
@@ -54,44 +70,48 @@ class Contender:
         self.masks = torch.randint(0, NUM_CLASSES, (b, s, s), generator=g)
         self.masks[:, :8] = 255  # some ignored pixels, as real masks have
         self.images, self.masks = self.images.to(self.device), self.masks.to(self.device)
-        self.amp = torch.bfloat16 if args.amp == "bf16" else None
-        if name == "peer":
-            self._build_peer(args)
+        if kind == "peer":
+            self._build_peer()
         else:
-            self._build_project(args)
-        self.gflops = gflops(self.model.eval(), self._infer_input())
+            self._build_project()
+        with torch.inference_mode():
+            self.gflops = gflops(self.model.eval(), self._infer_input())
         self.model.train()
-        if args.compile:
-            self.compiled = torch.compile(self.model)
-        else:
-            self.compiled = self.model
+        self.compiled = torch.compile(self.model) if args.compile else self.model
 
-    def _build_peer(self, args: argparse.Namespace) -> None:
+    def _build_peer(self) -> None:
         self.model = build_peer(self.variant, NUM_CLASSES).to(self.device)
-        if args.device != "cpu":  # the GPU row gives the peer the same speed settings
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = peer_optimizer(self.model)
         self.x = normalize_batch(self.images.cpu()).to(self.device)
-        if args.device != "cpu":
+        if self.tuned:
+            self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
 
-    def _build_project(self, args: argparse.Namespace) -> None:
+    def _build_project(self) -> None:
         cfg = Config()
         cfg.model.model_variant, cfg.model.num_classes = self.variant, NUM_CLASSES
         cfg.model.separable = True if self.head == "matched" else None
-        self.model = build_model(cfg.model).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        # As fit() builds it: channels_last (train.channels_last defaults to true).
+        self.model = build_model(cfg.model).to(self.device, memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loss_fn = build_loss(cfg.train, NUM_CLASSES, 255, None, self.device)
         self.info = cpu_info()
         self.info.device = self.device
+        # Inference as `deeplab predict/eval` lays the model out (channels_last on CUDA only).
+        shipped = prepare_model(copy.deepcopy(self.model), self.device)
+        if self.device.type == "cpu":
+            shipped = shipped.to(memory_format=torch.contiguous_format)
+        self.shipped = torch.compile(shipped) if self.compile else shipped
 
     def _infer_input(self) -> torch.Tensor:
-        return self.x if self.name == "peer" else self.images.float() / 255
+        return self.x if self.kind == "peer" else self.images.float() / 255
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.amp or torch.float32, self.amp is not None)
 
     def train_step(self) -> None:
-        if self.name == "peer":
-            with torch.autocast(self.device.type, self.amp or torch.float32, self.amp is not None):
+        if self.kind == "peer":
+            with self._autocast():
                 peer_train_step(self.compiled, self.x, self.masks, self.optimizer)
             return
         _train_step(
@@ -100,13 +120,24 @@ class Contender:
         )  # fmt: skip
 
     def infer_step(self) -> None:
+        """The peer's `model(x)`; the project's `predict_probs` with the model laid out as
+        `inference.prepare_model` lays it out (channels_last on CUDA only)."""
         model = self.compiled.eval()
-        with torch.autocast(self.device.type, self.amp or torch.float32, self.amp is not None):
-            if self.name == "peer":
-                with torch.inference_mode():
-                    model(self.x).float()
-            else:
-                predict_probs(model, self.images)
+        if self.kind == "peer":
+            with torch.inference_mode(), self._autocast():
+                model(self.x).float()
+        else:
+            with self._autocast():
+                predict_probs(self.shipped, self.images)
+        self.compiled.train()
+
+    def infer_proposed(self) -> None:
+        """Project inference with the proposed change: channels_last and bf16 autocast on
+        CPUs with AMX too (`runstate.resolve_amp("auto")`), as training already does."""
+        model = self.compiled.eval()
+        amp, _ = resolve_amp("auto", self.device)
+        with torch.autocast(self.device.type, amp or torch.float32, amp is not None):
+            predict_probs(model, self.images)
         self.compiled.train()
 
     def sync(self) -> None:
@@ -125,65 +156,104 @@ def _timed(c: Contender, fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def contenders(variant: str, args: argparse.Namespace) -> list[Contender]:
+    """The peer first (the ratios' denominator), then the rest."""
+    if args.device == "cpu":
+        auto, _ = resolve_amp(args.amp, torch.device("cpu"))  # the project's default
+        out = [Contender("peer", variant, "smp", args)]
+        if auto is not None:  # the peer with the same speed settings, applied by hand
+            out.append(Contender("peer", variant, "smp", args, amp=auto, tuned=True))
+        out.append(Contender("project", variant, "matched", args, amp=auto))
+        if auto is not None and not args.quick:
+            out.append(Contender("project", variant, "matched", args, amp=None, infer=False))
+        if not args.quick:
+            out.append(Contender("project", variant, "default", args, amp=auto))
+        return out
+    amp = torch.bfloat16 if args.amp == "bf16" else None  # GPU: same settings for all
+    out = [Contender("peer", variant, "smp", args, amp=amp, tuned=True)]
+    out.append(Contender("project", variant, "matched", args, amp=amp))
+    if not args.quick:
+        out.append(Contender("project", variant, "default", args, amp=amp))
+    return out
+
+
+def label(c: Contender) -> str:
+    amp = "bf16 autocast" if c.amp is not None else "fp32"
+    if c.kind == "peer":
+        if c.tuned:
+            return f"smp DeepLabV3Plus, torchvision ref. loop + channels_last, {amp}"
+        return f"smp DeepLabV3Plus, torchvision ref. loop ({amp})"
+    head = "head as smp's (separable)" if c.head == "matched" else "TF DeepLab head (full 3x3)"
+    return f"segment-deeplab, {head}, {amp}"
+
+
 def bench_backbone(variant: str, args: argparse.Namespace) -> list[dict]:
-    heads = ["matched", "default"] if not args.matched_only else ["matched"]
-    contenders = [Contender("peer", variant, args, "smp")]
-    contenders += [Contender("project", variant, args, h) for h in heads]
-    for c in contenders:  # warm-up: allocator, oneDNN primitives, compile
+    group = contenders(variant, args)
+    kinds = ("train", "infer", "proposed")
+    for c in group:  # warm-up: allocator, oneDNN primitives, compile
         for _ in range(args.warmup):
             c.train_step()
-            c.infer_step()
-    times = {id(c): {"train": [], "infer": []} for c in contenders}
+            if c.infer:
+                c.infer_step()
+                if c.kind == "project":
+                    c.infer_proposed()
+    times = {id(c): {k: [] for k in kinds} for c in group}
     for r in range(args.rounds):
-        for c in contenders:
-            times[id(c)]["train"].append(_timed(c, c.train_step, args.steps))
-            times[id(c)]["infer"].append(_timed(c, c.infer_step, args.steps))
+        for c in group:
+            t = times[id(c)]
+            t["train"].append(_timed(c, c.train_step, args.steps))
+            if c.infer:
+                t["infer"].append(_timed(c, c.infer_step, args.steps))
+                if c.kind == "project":
+                    t["proposed"].append(_timed(c, c.infer_proposed, args.steps))
         print(f"{variant}: round {r + 1}/{args.rounds}", file=sys.stderr)
+    peer = times[id(group[0])]
+
+    def ratio(mine: list[float], base: list[float]) -> float | None:
+        # Per round (measured back to back), then the median over rounds.
+        if not mine:
+            return None
+        return statistics.median(b / m for b, m in zip(base, mine, strict=True))
+
+    def rate(ts: list[float]) -> float | None:
+        return args.batch / statistics.median(ts) if ts else None
+
     rows = []
-    peer = times[id(contenders[0])]
-    for c in contenders:
+    for c in group:
         t = times[id(c)]
-        # Ratio per round (both measured back to back), then the median of the ratios.
-        tr = statistics.median(p / m for p, m in zip(peer["train"], t["train"], strict=True))
-        ir = statistics.median(p / m for p, m in zip(peer["infer"], t["infer"], strict=True))
         rows.append(
             {
                 "backbone": variant,
-                "contender": c.name,
-                "head": c.head,
+                "contender": label(c),
                 "gflops": round(c.gflops, 1),
-                "train_img_s": args.batch / statistics.median(t["train"]),
-                "infer_img_s": args.batch / statistics.median(t["infer"]),
-                "train_ratio": tr,
-                "infer_ratio": ir,
-                "train_s": t["train"],
-                "infer_s": t["infer"],
+                **{f"{k}_img_s": rate(t[k]) for k in kinds},
+                "train_ratio": ratio(t["train"], peer["train"]),
+                "infer_ratio": ratio(t["infer"], peer["infer"]),
+                "proposed_ratio": ratio(t["proposed"], peer["infer"]),
+                "seconds": t,
             }
         )
     return rows
 
 
-LABELS = {
-    "smp": "smp DeepLabV3Plus + torchvision ref. loop",
-    "matched": "segment-deeplab, head as smp's (separable)",
-    "default": "segment-deeplab, TF DeepLab head (full 3x3)",
-}
-
-
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    extra = ", ".join(
-        x for x in (args.amp if args.amp != "off" else "", "compile" if args.compile else "") if x
-    )
+    extra = ", compile" if args.compile else ""
     head = (
-        f"DeepLabV3+ OS 16, {args.size}x{args.size}, batch {args.batch}, {args.device}"
-        f"{' (' + extra + ')' if extra else ''}; median of {args.rounds} alternating rounds "
-        f"of {args.steps} steps\n\n"
-        "| backbone | contender | GFLOPs/img | train img/s | x peer | infer img/s | x peer |\n"
-        "|---|---|---:|---:|---:|---:|---:|\n"
+        f"DeepLabV3+ OS 16, {args.size}x{args.size}, batch {args.batch}, {args.device}{extra}; "
+        f"median of {args.rounds} alternating rounds of {args.steps} step(s); x peer = "
+        "median of the per-round ratios to the first row\n\n"
+        "| backbone | contender | GFLOPs/img | train img/s | x peer | infer img/s | x peer "
+        "| infer img/s, proposed | x peer |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
+
+    def f(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
     lines = [
-        f"| {r['backbone']} | {LABELS[r['head']]} | {r['gflops']:.1f} | {r['train_img_s']:.2f} "
-        f"| {r['train_ratio']:.2f} | {r['infer_img_s']:.2f} | {r['infer_ratio']:.2f} |"
+        f"| {r['backbone']} | {r['contender']} | {r['gflops']:.1f} | {f(r['train_img_s'])} "
+        f"| {f(r['train_ratio'])} | {f(r['infer_img_s'])} | {f(r['infer_ratio'])} "
+        f"| {f(r['proposed_img_s'])} | {f(r['proposed_ratio'])} |"
         for r in rows
     ]
     return head + "\n".join(lines)
@@ -195,12 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=["off", "bf16"], default="off")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "off", "bf16"],
+        default="auto",
+        help="CPU: the project's train.amp (auto: bf16 on CPUs with AMX); GPU: for all",
+    )
+    p.add_argument("--quick", action="store_true", help="peer and matched head only")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="steps per contender per round")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--matched-only", action="store_true", help="skip the TF-default head")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from torch import nn
 from segment_deeplab.data.dataset_spec import ClassInfo
 from segment_deeplab.engine.distributed import pick_device
 from segment_deeplab.engine.exported import ExportError, load_for_inference, sniff_format
-from segment_deeplab.engine.inference import prepare_model
+from segment_deeplab.engine.inference import labels, prepare_model
 from segment_deeplab.engine.predict import load_image, predict_groups
 from segment_deeplab.palette import colorize, overlay
 
@@ -146,7 +146,7 @@ class Segmenter:
             yield i, p
 
     def _ids(self, probs: torch.Tensor) -> np.ndarray:
-        ids = probs.argmax(0).cpu().numpy()
+        ids = labels(probs[None])[0].cpu().numpy()
         return ids.astype(np.uint8 if len(self.classes) <= 256 else np.int64)
 
     def predict_batch(

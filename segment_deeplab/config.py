@@ -110,6 +110,34 @@ class Config:
         return _build(cls, d or {}, "")
 
 
+# The recommended recipe on a CPU, found by the CamVid benchmark (BENCHMARKS.md) and
+# shipped as configs/deeplabv3plus_resnet18_camvid_256.yaml. `deeplab train` starts
+# from it on a CPU when no --config is given: cheap steps (output stride 32, separable
+# 128-channel head, 256x256 crops) and AdamW get furthest per CPU minute.
+CPU_RECIPE: dict[str, dict[str, Any]] = {
+    "model": {
+        "model_variant": "resnet_18",
+        "output_stride": 32,
+        "separable": True,
+        "aspp_channels": 128,
+        "decoder_channels": 128,
+    },
+    "data": {"crop_size": [256, 256], "scale_range": [0.75, 1.25], "batch_size": 8},
+    "train": {
+        "optimizer": "adamw",
+        "lr": 0.002,
+        "weight_decay": 0.0001,
+        "warmup_steps": 20,
+        "class_weights": "auto",
+    },
+}
+
+
+def cpu_recipe() -> Config:
+    """Defaults with CPU_RECIPE applied."""
+    return Config.from_dict(CPU_RECIPE)
+
+
 class ConfigError(ValueError):
     """A config key or value that does not fit; the message says how to fix it."""
 
@@ -174,9 +202,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return Config.from_dict(d)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then key=value overrides."""
-    cfg = Config()
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
+    """Defaults (or `base`), then the YAML file (if any), then key=value overrides."""
+    cfg = base or Config()
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segment_deeplab.config import Config, ConfigError, load_config, save_config
+from segment_deeplab.config import (
+    CPU_RECIPE,
+    Config,
+    ConfigError,
+    cpu_recipe,
+    load_config,
+    save_config,
+)
 from segment_deeplab.engine import schedule
 from segment_deeplab.losses import auto_class_weights, build_loss, cross_entropy
 
@@ -117,3 +124,13 @@ def test_auto_class_weights_favour_rare_classes():
     tc = load_config(None, ["train.class_weights=auto"]).train
     with pytest.raises(ConfigError, match="deeplab prepare"):
         build_loss(tc, 3, 255, class_pixels=None)
+
+
+def test_cpu_recipe_is_the_shipped_camvid_config():
+    shipped = load_config(CONFIGS[0].parent / "deeplabv3plus_resnet18_camvid_256.yaml")
+    recipe = cpu_recipe()
+    assert shipped.model == recipe.model and shipped.data == recipe.data
+    for key, value in CPU_RECIPE["train"].items():
+        assert getattr(shipped.train, key) == value, key
+    # a config file replaces the recipe; overrides apply on top of either
+    assert load_config(None, ["train.lr=0.1"], base=recipe).train.optimizer == "adamw"

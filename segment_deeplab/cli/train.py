@@ -94,7 +94,7 @@ def _cmd_train(args) -> int:
     else:
         if not args.output or not args.data:
             raise UserError("train needs --data DATASET and --output RUN_DIR (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, base=_default_base(args))
         data, out = args.data, Path(args.output)
     spec = open_dataset(data, spec=args.spec)
     try:
@@ -120,6 +120,22 @@ def _cmd_train(args) -> int:
         print(f"interrupted: continue with `deeplab train --resume {out}`", file=sys.stderr)
         return 130
     return 0
+
+
+def _default_base(args):
+    """On a CPU without --config, start from the recommended CPU recipe."""
+    from segment_deeplab.config import cpu_recipe
+    from segment_deeplab.engine.distributed import pick_device
+
+    if args.config or pick_device(args.device).type != "cpu":
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            "on the CPU without --config: starting from the CPU recipe (resnet_18, output "
+            "stride 32, 256x256 crops, AdamW; configs/deeplabv3plus_resnet18_camvid_256.yaml)",
+            file=sys.stderr,
+        )
+    return cpu_recipe()
 
 
 def _recorded_dataset(run) -> str:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab.checkpoint import CheckpointError
-from segment_deeplab.engine.inference import predict_probs, prepare_model
+from segment_deeplab.engine.inference import labels, predict_probs, prepare_model
 from segment_deeplab.metrics import ConfusionMatrix, image_miou
 from segment_deeplab.palette import load_font
 
@@ -123,7 +123,7 @@ def evaluate(
     try:
         for images, masks in _batches(loader, batch_size):
             probs = predict_probs(model, torch.stack(images), scales, flip, window)
-            preds = probs.argmax(1)  # (B, H, W)
+            preds = labels(probs)  # (B, H, W)
             del probs
             for pred, mask in zip(preds, masks, strict=True):
                 mask = mask.to(device, non_blocking=True)

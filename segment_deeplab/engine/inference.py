@@ -23,11 +23,24 @@ TILE_BATCH = 8
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to `device` in eval mode; channels_last on CUDA, where convolutions gain."""
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Move to `device` in eval mode, channels_last: convolutions gain on CPUs and GPUs."""
+    return model.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def labels(probs: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W) class ids. `max(1).indices` equals `argmax(1)` and is
+    about 10x faster on CPUs, where the argmax kernel over channels is not vectorised."""
+    return probs.max(1).indices
+
+
+def _autocast(model: nn.Module, device: torch.device, amp: str):
+    """bf16/fp16 autocast where the hardware gains from it (as in training); exported
+    models (ONNX, TorchScript) run as they were saved."""
+    from segment_deeplab.engine.runstate import resolve_amp
+    from segment_deeplab.models.deeplab import DeepLabV3
+
+    dtype = resolve_amp(amp, device)[0] if isinstance(model, DeepLabV3) else None
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -62,9 +75,7 @@ def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ph, pw = (-h) % s, (-w) % s
     if ph or pw:
         x = _pad(model, x, ph, pw)
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    logits = model(x)
+    logits = model(x.contiguous(memory_format=torch.channels_last))
     if isinstance(logits, dict):  # torchvision-style {"out": ...} models
         logits = logits["out"]
     return logits[..., :h, :w].float().softmax(1)
@@ -121,6 +132,7 @@ def predict_probs(
     flip: bool = False,
     window: int | None = None,
     overlap: float = 1 / 3,
+    amp: str = "auto",
 ) -> torch.Tensor:
     """Class probabilities of images at their original size.
 
@@ -131,6 +143,7 @@ def predict_probs(
         flip: also average the left-right mirrored input (add_flipped_images).
         window: tile size for images larger than it (sliding window); None: whole image.
         overlap: fraction of a tile shared with its neighbour.
+        amp: "auto" runs bf16 where it is faster (GPUs, AMX CPUs), "off" keeps fp32.
 
     Returns:
         (B, C, H, W) float32 probabilities on the model's device.
@@ -151,7 +164,8 @@ def predict_probs(
             xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
         for mirrored in (False, True) if flip else (False,):
             inp = xs.flip(-1) if mirrored else xs
-            p = _forward_windows(model, inp, window, overlap)
+            with _autocast(model, x.device, amp):
+                p = _forward_windows(model, inp, window, overlap)
             if mirrored:
                 p = p.flip(-1)
             if p.shape[-2:] != (h, w):
@@ -163,4 +177,4 @@ def predict_probs(
 
 def predict_labels(model: nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
     """(B, H, W) int64 class ids: argmax of `predict_probs` (same keyword arguments)."""
-    return predict_probs(model, images, **kwargs).argmax(1)
+    return labels(predict_probs(model, images, **kwargs))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from segment_deeplab.data.dataset_spec import IMAGE_EXTS, ClassInfo
 from segment_deeplab.data.folder import read_image
-from segment_deeplab.engine.inference import predict_probs, prepare_model
+from segment_deeplab.engine.inference import labels, predict_probs, prepare_model
 from segment_deeplab.palette import colorize, overlay
 
 # EXIF orientations that turn the picture by 90 degrees (width and height swap).
@@ -182,7 +182,7 @@ def _write(
     ignore_index: int,
     save_probs: bool,
 ) -> Path:
-    pred = probs.argmax(0).to(torch.uint8).cpu().numpy()  # (H, W)
+    pred = labels(probs[None])[0].to(torch.uint8).cpu().numpy()  # (H, W)
     mask_path = out / f"{stem}.png"
     colorize(pred, classes, ignore_index).save(mask_path)
     overlay(image, pred, classes, ignore_index=ignore_index).save(

@@ -107,9 +107,9 @@ def _tta(data: RunData) -> dict[str, Any]:
 
 
 def _predict(model, image: torch.Tensor, tta: dict[str, Any]) -> torch.Tensor:
-    from segment_deeplab.engine.inference import predict_probs
+    from segment_deeplab.engine.inference import labels, predict_probs
 
-    return predict_probs(model, image, **tta).argmax(1)[0].cpu()  # (H, W)
+    return labels(predict_probs(model, image, **tta))[0].cpu()  # (H, W)
 
 
 def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:

@@ -5,7 +5,8 @@
 `evaluate` decodes each val image and mask, pads to the output stride, runs the model,
 takes softmax and argmax and updates the confusion matrix and per-image mIoU. The raw
 forward is `model(x)` on an image already in memory at the same size (480x360 for
-CamVid), under `torch.inference_mode`. The two alternate in rounds.
+CamVid), under `torch.inference_mode`, channels_last and the same autocast as
+`evaluate`. The two alternate in rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from segment_deeplab.config import load_config  # noqa: E402
 from segment_deeplab.data.dataset_spec import open_dataset  # noqa: E402
 from segment_deeplab.data.folder import SegmentationFolder  # noqa: E402
 from segment_deeplab.engine.evaluate import evaluate  # noqa: E402
-from segment_deeplab.engine.inference import prepare_model  # noqa: E402
+from segment_deeplab.engine.inference import _autocast, prepare_model  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
 
 
@@ -46,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     val = SegmentationFolder(spec, "val")
     subset = torch.utils.data.Subset(val, range(min(args.images, len(val))))
     x = val.load(0)[0].float().unsqueeze(0) / 255  # (1, 3, 360, 480)
-    with torch.inference_mode():
+    x = x.contiguous(memory_format=torch.channels_last)
+    # The raw forward runs as `evaluate` runs the model: channels_last, and bf16
+    # autocast where the hardware gains from it (`inference._autocast`).
+    amp = _autocast(model, x.device, "auto")
+    with torch.inference_mode(), amp:
         model(x)  # warm-up
     raw, full = [], []
     for _ in range(args.rounds):
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(model, x.device, "auto"):
             for _ in range(len(subset)):
                 model(x)
         raw.append(len(subset) / (time.perf_counter() - start))

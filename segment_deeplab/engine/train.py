@@ -7,7 +7,6 @@ with validation, checkpoints and logging at fixed step intervals. No hook system
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from segment_deeplab.config import Config, save_config
 from segment_deeplab.data.dataset_spec import DatasetSpec
 from segment_deeplab.engine import distributed, schedule
+from segment_deeplab.engine.runlog import RunLog, log_jsonl, open_tensorboard
 from segment_deeplab.engine.runstate import (
     RunState,
     build_optimizer,
@@ -66,11 +66,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _log_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _validate(model, val_set, spec: DatasetSpec, info: distributed.DistInfo) -> dict | None:
@@ -170,7 +165,7 @@ def fit(
         save_config(cfg, out / "config.yaml")
         if spec.path is None:  # a dataset described on the fly: keep its description
             spec.save(out / "dataset.yaml")
-    writer = _tensorboard(out) if info.is_main else None
+    writer = open_tensorboard(out) if info.is_main else None
     raw_model = model.module if hasattr(model, "module") else model
     train_model = torch.compile(model) if tc.compile else model
 
@@ -186,7 +181,7 @@ def fit(
             atomic_save(ckpt, path)
         return path
 
-    log = _RunLog(out / "metrics.jsonl", writer, spec, info.is_main)
+    log = RunLog(out / "metrics.jsonl", writer, spec, info.is_main)
     bar = tqdm(
         total=total,
         initial=step,
@@ -249,7 +244,7 @@ def fit(
     if info.enabled:  # DDP keeps replicas equal; record the proof in the run log
         sums = distributed.gather_checksums(raw_model, info)
         if info.is_main:
-            _log_jsonl(out / "metrics.jsonl", {"step": step, "rank_weight_checksums": sums})
+            log_jsonl(out / "metrics.jsonl", {"step": step, "rank_weight_checksums": sums})
     distributed.teardown()
     return TrainResult(step, best, last_path, interrupted)
 
@@ -283,81 +278,3 @@ def _train_step(
         loss.backward()
         optimizer.step()
     return float(loss.detach())
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but keep training if it breaks
-        return None
-    return SummaryWriter(str(out / "tb"))
-
-
-class _RunLog:
-    """metrics.jsonl + TensorBoard: train loss averaged over each logging window."""
-
-    def __init__(self, path: Path, writer, spec: DatasetSpec, active: bool):
-        self.path, self.writer, self.spec, self.active = path, writer, spec, active
-        self._reset()
-
-    def _reset(self) -> None:
-        self.t0, self.images, self.losses, self.last = time.perf_counter(), 0, [], {}
-
-    def train(self, step: int, epoch: int, loss: float, lr: float, images: int, elapsed: float):
-        self.losses.append(loss)
-        self.images += images
-        self.last = {"step": step, "epoch": epoch, "lr": lr, "elapsed_s": round(elapsed, 1)}
-
-    def flush(self) -> dict[str, str]:
-        """Write the window's record; return the progress bar's postfix."""
-        if not self.losses:
-            return {}
-        ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
-        loss = sum(self.losses) / len(self.losses)
-        rec = {**self.last, "loss": loss, "images_per_s": round(ips, 2)}
-        if self.active:
-            _log_jsonl(self.path, rec)
-            if self.writer is not None:
-                for k, v in (("loss", loss), ("lr", rec["lr"]), ("images_per_s", ips)):
-                    self.writer.add_scalar(f"train/{k}", v, rec["step"])
-        self._reset()
-        return {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.2e}", "img/s": f"{ips:.1f}"}
-
-    def val(self, step: int, metrics: dict | None) -> float | None:
-        """Record validation metrics; return the mIoU (None without a val split)."""
-        if metrics is None:
-            return None
-        self.flush()
-        if self.active:
-            _log_jsonl(self.path, {"step": step, "val": metrics})
-            if self.writer is not None:
-                if metrics.get("miou") is not None:
-                    self.writer.add_scalar("val/mIoU", metrics["miou"], step)
-                for name, iou in zip(self.spec.class_names, metrics.get("iou", []), strict=False):
-                    if iou is not None:
-                        self.writer.add_scalar(f"val_iou/{name}", iou, step)
-        return metrics.get("miou")
-
-    def overlays(self, step: int, model, val_set, count: int = 3) -> None:
-        """A few validation predictions as TensorBoard images (ground truth | prediction)."""
-        if not self.active or self.writer is None or val_set is None:
-            return
-        import numpy as np
-
-        from segment_deeplab.engine.inference import predict_labels
-        from segment_deeplab.palette import overlay
-
-        was_training = model.training
-        model.eval()
-        for i in range(min(count, len(val_set))):
-            image, mask = val_set[i]
-            pred = predict_labels(model, image.unsqueeze(0))[0].cpu()
-            pair = [overlay(image, m, self.spec.classes, show_legend=False) for m in (mask, pred)]
-            both = np.concatenate([np.asarray(p) for p in pair], axis=1)  # (H, 2W, 3)
-            self.writer.add_image(f"val_predictions/{i}", both, step, dataformats="HWC")
-        model.train(was_training)
-
-    def close(self) -> None:
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()

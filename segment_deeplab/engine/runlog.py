@@ -1,0 +1,96 @@
+"""What a training run leaves to read: metrics.jsonl and TensorBoard logs.
+
+Train loss is averaged over each logging window; validation metrics and a few
+prediction overlays are written at every validation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from segment_deeplab.data.dataset_spec import DatasetSpec
+
+
+def log_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but keep training if it breaks
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard: train loss averaged over each logging window."""
+
+    def __init__(self, path: Path, writer, spec: DatasetSpec, active: bool):
+        self.path, self.writer, self.spec, self.active = path, writer, spec, active
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0, self.images, self.losses, self.last = time.perf_counter(), 0, [], {}
+
+    def train(self, step: int, epoch: int, loss: float, lr: float, images: int, elapsed: float):
+        self.losses.append(loss)
+        self.images += images
+        self.last = {"step": step, "epoch": epoch, "lr": lr, "elapsed_s": round(elapsed, 1)}
+
+    def flush(self) -> dict[str, str]:
+        """Write the window's record; return the progress bar's postfix."""
+        if not self.losses:
+            return {}
+        ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        loss = sum(self.losses) / len(self.losses)
+        rec = {**self.last, "loss": loss, "images_per_s": round(ips, 2)}
+        if self.active:
+            log_jsonl(self.path, rec)
+            if self.writer is not None:
+                for k, v in (("loss", loss), ("lr", rec["lr"]), ("images_per_s", ips)):
+                    self.writer.add_scalar(f"train/{k}", v, rec["step"])
+        self._reset()
+        return {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.2e}", "img/s": f"{ips:.1f}"}
+
+    def val(self, step: int, metrics: dict | None) -> float | None:
+        """Record validation metrics; return the mIoU (None without a val split)."""
+        if metrics is None:
+            return None
+        self.flush()
+        if self.active:
+            log_jsonl(self.path, {"step": step, "val": metrics})
+            if self.writer is not None:
+                if metrics.get("miou") is not None:
+                    self.writer.add_scalar("val/mIoU", metrics["miou"], step)
+                for name, iou in zip(self.spec.class_names, metrics.get("iou", []), strict=False):
+                    if iou is not None:
+                        self.writer.add_scalar(f"val_iou/{name}", iou, step)
+        return metrics.get("miou")
+
+    def overlays(self, step: int, model, val_set, count: int = 3) -> None:
+        """A few validation predictions as TensorBoard images (ground truth | prediction)."""
+        if not self.active or self.writer is None or val_set is None:
+            return
+        import numpy as np
+
+        from segment_deeplab.engine.inference import predict_labels
+        from segment_deeplab.palette import overlay
+
+        was_training = model.training
+        model.eval()
+        for i in range(min(count, len(val_set))):
+            image, mask = val_set[i]
+            pred = predict_labels(model, image.unsqueeze(0))[0].cpu()
+            pair = [overlay(image, m, self.spec.classes, show_legend=False) for m in (mask, pred)]
+            both = np.concatenate([np.asarray(p) for p in pair], axis=1)  # (H, 2W, 3)
+            self.writer.add_image(f"val_predictions/{i}", both, step, dataformats="HWC")
+        model.train(was_training)
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()

@@ -37,8 +37,11 @@ class ConfusionMatrix:
         self.mat = None
 
     @torch.inference_mode()
-    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
-        """Add a batch: integer label maps of the same shape, on any device."""
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Add a batch: integer label maps of the same shape, on any device.
+
+        Returns the batch's own (C, C) matrix (e.g. for a per-image mIoU).
+        """
         if target.shape != pred.shape:
             raise ValueError(f"target {tuple(target.shape)} and pred {tuple(pred.shape)} differ")
         n = self.num_classes
@@ -52,7 +55,9 @@ class ConfusionMatrix:
         if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= n):
             # An out-of-range prediction would silently land in another row's cell.
             raise ValueError(f"predictions must lie in 0..{n - 1}")
-        self.mat += torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+        batch = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+        self.mat += batch
+        return batch
 
     def reduce_from_all_processes(self) -> None:
         """Sum the matrix over all ranks (no-op outside torch.distributed)."""
@@ -162,11 +167,14 @@ def image_miou(
 
     Used to rank images (best/worst galleries); None when every pixel is ignored.
     """
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    cm.update(target, pred)
-    if cm.mat is None or int(cm.mat.sum()) == 0:
+    return matrix_miou(ConfusionMatrix(num_classes, ignore_index).update(target, pred))
+
+
+def matrix_miou(mat: torch.Tensor) -> float | None:
+    """mIoU over the classes present in a confusion matrix's rows or columns."""
+    if int(mat.sum()) == 0:
         return None
-    h = cm.mat.double()
+    h = mat.double()
     tp = torch.diag(h)
     union = h.sum(0) + h.sum(1) - tp
     seen = union > 0

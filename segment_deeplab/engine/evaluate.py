@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab.checkpoint import CheckpointError
-from segment_deeplab.engine.inference import labels, predict_probs, prepare_model
-from segment_deeplab.metrics import ConfusionMatrix, image_miou
+from segment_deeplab.engine.inference import predict_labels, prepare_model
+from segment_deeplab.metrics import ConfusionMatrix, matrix_miou
 from segment_deeplab.palette import load_font
 
 
@@ -122,14 +122,11 @@ def evaluate(
     index = 0
     try:
         for images, masks in _batches(loader, batch_size):
-            probs = predict_probs(model, torch.stack(images), scales, flip, window)
-            preds = labels(probs)  # (B, H, W)
-            del probs
+            preds = predict_labels(model, torch.stack(images), scales, flip, window)  # (B, H, W)
             for pred, mask in zip(preds, masks, strict=True):
                 mask = mask.to(device, non_blocking=True)
-                cm.update(mask, pred)
+                miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
                 order, stem = _origin(dataset, index)
-                miou = image_miou(mask, pred, num_classes, ignore_index)
                 per_image.append({"index": order, "stem": stem, "miou": miou})
                 index += 1
             bar.update(len(images))

@@ -64,8 +64,8 @@ def _pad(model: nn.Module, x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return out
 
 
-def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities of (B, 3, h, w) in [0, 1], padded to the model's stride.
+def _logits_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of (B, 3, h, w) in [0, 1], padded to the model's stride.
 
     A size that is a multiple of the output stride keeps the feature grid aligned
     with the pixels; the padding is cut off again before returning (B, C, h, w).
@@ -78,7 +78,12 @@ def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     logits = model(x.contiguous(memory_format=torch.channels_last))
     if isinstance(logits, dict):  # torchvision-style {"out": ...} models
         logits = logits["out"]
-    return logits[..., :h, :w].float().softmax(1)
+    return logits[..., :h, :w]
+
+
+def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (B, C, h, w) of `_logits_padded`, in fp32."""
+    return _logits_padded(model, x).float().softmax(1)
 
 
 def _starts(size: int, window: int, step: int) -> list[int]:
@@ -175,6 +180,24 @@ def predict_probs(
     return total / passes
 
 
-def predict_labels(model: nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
-    """(B, H, W) int64 class ids: argmax of `predict_probs` (same keyword arguments)."""
-    return labels(predict_probs(model, images, **kwargs))
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 1 / 3,
+    amp: str = "auto",
+) -> torch.Tensor:
+    """(B, H, W) int64 class ids, with the options of `predict_probs`.
+
+    A single pass (one scale of 1, no flip, no tiling) skips the softmax: the argmax
+    of the logits is the argmax of the probabilities.
+    """
+    x = _to_float(images, _model_device(model))
+    tiled = window is not None and max(x.shape[-2:]) > window
+    if list(scales) != [1.0] or flip or tiled:
+        return labels(predict_probs(model, x, scales, flip, window, overlap, amp))
+    with _autocast(model, x.device, amp):
+        return labels(_logits_padded(model, x))

@@ -97,10 +97,8 @@ class Contender:
         self.loss_fn = build_loss(cfg.train, NUM_CLASSES, 255, None, self.device)
         self.info = cpu_info()
         self.info.device = self.device
-        # Inference as `deeplab predict/eval` lays the model out (channels_last on CUDA only).
+        # Inference as `deeplab predict/eval` lays the model out (channels_last).
         shipped = prepare_model(copy.deepcopy(self.model), self.device)
-        if self.device.type == "cpu":
-            shipped = shipped.to(memory_format=torch.contiguous_format)
         self.shipped = torch.compile(shipped) if self.compile else shipped
 
     def _infer_input(self) -> torch.Tensor:
@@ -121,7 +119,7 @@ class Contender:
 
     def infer_step(self) -> None:
         """The peer's `model(x)`; the project's `predict_probs` with the model laid out as
-        `inference.prepare_model` lays it out (channels_last on CUDA only)."""
+        `inference.prepare_model` lays it out, autocast as `predict_probs` decides."""
         model = self.compiled.eval()
         if self.kind == "peer":
             with torch.inference_mode(), self._autocast():

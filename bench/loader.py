@@ -24,8 +24,7 @@ from common import cpu_info, machine  # noqa: E402
 
 from segment_deeplab.config import load_config  # noqa: E402
 from segment_deeplab.data.dataset_spec import open_dataset  # noqa: E402
-from segment_deeplab.data.folder import SegmentationFolder  # noqa: E402
-from segment_deeplab.data.transforms import train_transforms  # noqa: E402
+from segment_deeplab.data.folder import build_loader  # noqa: E402
 from segment_deeplab.engine import schedule  # noqa: E402
 from segment_deeplab.engine.runstate import build_optimizer  # noqa: E402
 from segment_deeplab.engine.train import _train_step  # noqa: E402
@@ -34,15 +33,12 @@ from segment_deeplab.models import build_model  # noqa: E402
 
 
 def make_loader(cfg, spec, workers: int) -> torch.utils.data.DataLoader:
-    ds = SegmentationFolder(
-        spec,
-        "train",
-        transform=train_transforms(cfg.data.crop_size, cfg.data.scale_range, spec.ignore_index),
+    """The loader `fit()` trains from (`build_loader` with its resumable sampler)."""
+    cfg.data.workers = workers
+    sampler = schedule.EpochBatchSampler(
+        len(spec.split_stems("train")), cfg.data.batch_size, cfg.train.seed
     )
-    sampler = schedule.EpochBatchSampler(len(ds), cfg.data.batch_size, cfg.train.seed)
-    return torch.utils.data.DataLoader(
-        schedule.SeededSamples(ds), batch_sampler=sampler, num_workers=workers
-    )
+    return build_loader(spec, "train", cfg.data, True, device="cpu", batch_sampler=sampler)
 
 
 def delivered(cfg, spec, workers: int, batches: int) -> float:

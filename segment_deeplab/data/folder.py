@@ -226,6 +226,23 @@ def pad_collate(
     return out_img, out_mask
 
 
+class SeededSamples(Dataset):
+    """Runs the wrapped dataset's random transforms under a per-sample seed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        # fork_rng keeps the caller's RNG (dropout, ...) untouched when workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def resolve_workers(workers: int | None, device: str | torch.device | None = None) -> int:
     """DataConfig.workers; None means min(4, cores) when training on a GPU and 0 on CPU.
 
@@ -254,6 +271,7 @@ def build_loader(
     device: str | torch.device | None = None,
     sampler: Sampler | None = None,
     batch_size: int | None = None,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader over one split with the train or eval preset.
 
@@ -262,6 +280,10 @@ def build_loader(
     images in order; differently sized ones are padded by `pad_collate`.
 
     Args:
+        batch_sampler: yields batches of (index, augmentation seed) pairs (the
+            training loop's resumable `EpochBatchSampler`); replaces shuffling,
+            `sampler` and `batch_size`, and makes the random transforms of each
+            sample depend on its seed alone.
         batch_size: overrides `cfg.batch_size` (e.g. 1 for evaluation at native size).
         device: where batches go (None: CUDA when available); it picks the default
             worker count and pins memory only for CUDA.
@@ -276,11 +298,21 @@ def build_loader(
             "lower data.batch_size or add images"
         )
     workers = resolve_workers(cfg.workers, device)
+    pin = _device(device).type == "cuda"
+    collate = functools.partial(pad_collate, ignore_index=spec.ignore_index)
+    if batch_sampler is not None:
+        return DataLoader(
+            SeededSamples(ds),
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin,
+            collate_fn=collate,
+        )
     generator = None
     if train and sampler is None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    pin = _device(device).type == "cuda"
     return DataLoader(
         ds,
         batch_size=bs,
@@ -291,5 +323,5 @@ def build_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin,
-        collate_fn=functools.partial(pad_collate, ignore_index=spec.ignore_index),
+        collate_fn=collate,
     )

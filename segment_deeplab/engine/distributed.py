@@ -55,14 +55,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
-
-
 def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     """One float64 checksum of all parameters per rank (equal when replicas agree).
 

@@ -94,20 +94,3 @@ class EpochBatchSampler:
             chunk = range(b * per_step, (b + 1) * per_step)
             mine = list(chunk)[self.rank :: self.world]
             yield [(int(order[i]), int(seeds[i])) for i in mine]
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Runs the wrapped dataset's random transforms under a per-sample seed."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        # fork_rng keeps the caller's RNG (dropout, ...) untouched when workers=0.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]

@@ -106,8 +106,8 @@ def fit(
         out_dir: run folder: config.yaml, last.pt, best.pt, metrics.jsonl, tb/.
         resume: continue the run in `out_dir` from its last.pt.
     """
-    from segment_deeplab.data.folder import SegmentationFolder, resolve_workers
-    from segment_deeplab.data.transforms import eval_transforms, train_transforms
+    from segment_deeplab.data.folder import SegmentationFolder, build_loader
+    from segment_deeplab.data.transforms import eval_transforms
 
     out = Path(out_dir)
     info = distributed.setup(device)
@@ -129,27 +129,15 @@ def fit(
     optimizer = build_optimizer(model, tc)
     amp_dtype, scaler = resolve_amp(tc.amp, info.device)
 
-    train_set = SegmentationFolder(
-        spec,
-        "train",
-        transform=train_transforms(cfg.data.crop_size, cfg.data.scale_range, spec.ignore_index),
-    )
     val_set = (
         SegmentationFolder(spec, "val", transform=eval_transforms())
         if "val" in spec.splits
         else None
     )
     sampler = schedule.EpochBatchSampler(
-        len(train_set), cfg.data.batch_size, tc.seed, info.rank, info.world_size
+        len(spec.split_stems("train")), cfg.data.batch_size, tc.seed, info.rank, info.world_size
     )
-    workers = resolve_workers(cfg.data.workers, info.device)
-    loader = torch.utils.data.DataLoader(
-        schedule.SeededSamples(train_set),
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=False,
-    )
+    loader = build_loader(spec, "train", cfg.data, True, device=info.device, batch_sampler=sampler)
     steps_per_epoch = sampler.batches_per_epoch
     total = schedule.total_steps(tc, steps_per_epoch)
     budget = schedule.parse_duration(tc.time)

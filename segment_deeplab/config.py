@@ -42,6 +42,9 @@ class ModelConfig:
     low_level_channels: int = 48
     # Dropout before the classifier.
     dropout: float = 0.1
+    # Added to each class's logit when the model predicts (eval mode), never in training.
+    # Training fills it from the class weights (see train.prior_correction).
+    logit_bias: list[float] | None = None
     # Ask timm for its named ImageNet weights (needs internet or a warm hub cache).
     pretrained: bool = False
     # A local file to initialise from: segment-deeplab checkpoint or backbone state dict.
@@ -80,6 +83,12 @@ class TrainConfig:
     loss: str = "ce"  # ce | dice | focal | ce+dice
     # None, "auto" (from the class frequencies prepare recorded) or one weight per class.
     class_weights: str | list[float] | None = None
+    # Class weights make rare classes learn faster but also shift every decision towards
+    # them (a weighted model over-predicts pole, sign, ...). The trained model takes
+    # this fraction of that shift back out: model.logit_bias = -prior_correction *
+    # log(weight), applied at inference only. 1 undoes it fully (logit adjustment, Menon
+    # et al. 2021); 0 keeps it.
+    prior_correction: float = 1.0
     # Hard-pixel mining: keep this fraction of the hardest pixels (TF DeepLab's
     # top_k_percent_pixels); 1.0 keeps all.
     top_k_percent: float = 1.0

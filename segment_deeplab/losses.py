@@ -100,6 +100,31 @@ def resolve_class_weights(
     return [float(w) for w in spec]
 
 
+def prior_logit_bias(
+    cfg: TrainConfig, num_classes: int, class_pixels: Sequence[float] | None
+) -> list[float] | None:
+    """`model.logit_bias` that takes class weights' prior shift back out at inference.
+
+    Cross-entropy weighted by w_c is minimised by probabilities proportional to w_c times
+    the true ones, so the trained logits carry + log w_c. Subtracting
+    `prior_correction * log w_c` (w normalised to geometric mean 1) leaves the features
+    the weights taught and removes their bias towards rare classes. None without weights.
+    """
+    if cfg.prior_correction < 0:
+        raise ConfigError(
+            f"train.prior_correction={cfg.prior_correction}; use 0 (keep the class weights' "
+            "shift) to 1 (undo it)"
+        )
+    weights = resolve_class_weights(cfg.class_weights, num_classes, class_pixels)
+    if not weights or cfg.prior_correction == 0:
+        return None
+    if min(weights) <= 0:
+        raise ConfigError(f"class_weights must all be > 0 to correct for them, got {weights}")
+    logs = [math.log(w) for w in weights]
+    mean = sum(logs) / len(logs)
+    return [round(-cfg.prior_correction * (v - mean), 6) for v in logs]
+
+
 def build_loss(
     cfg: TrainConfig,
     num_classes: int,

@@ -49,13 +49,17 @@ class ConfusionMatrix:
             self.mat = torch.zeros((n, n), dtype=torch.int64, device=target.device)
         target = target.reshape(-1).to(self.mat.device, torch.int64)
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
-        # Ignore pixels (and any value outside the classes) carry no ground truth.
-        keep = (target >= 0) & (target < n) & (target != self.ignore_index)
-        target, pred = target[keep], pred[keep]
-        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= n):
-            # An out-of-range prediction would silently land in another row's cell.
-            raise ValueError(f"predictions must lie in 0..{n - 1}")
-        batch = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+        # Ignore pixels (and any value outside the classes) carry no ground truth: they
+        # count in one spare bin past the matrix, which is cheaper than selecting pixels.
+        unlabelled = (target < 0) | (target >= n) | (target == self.ignore_index)
+        pred = pred.masked_fill(unlabelled, 0)
+        if pred.numel():
+            low, high = torch.aminmax(pred)
+            if int(low) < 0 or int(high) >= n:
+                # An out-of-range prediction would silently land in another row's cell.
+                raise ValueError(f"predictions must lie in 0..{n - 1}")
+        index = (target * n + pred).masked_fill_(unlabelled, n * n)
+        batch = torch.bincount(index, minlength=n * n + 1)[: n * n].reshape(n, n)
         self.mat += batch
         return batch
 

@@ -17,7 +17,12 @@ from segment_deeplab.config import (
     save_config,
 )
 from segment_deeplab.engine import schedule
-from segment_deeplab.losses import auto_class_weights, build_loss, cross_entropy
+from segment_deeplab.losses import (
+    auto_class_weights,
+    build_loss,
+    cross_entropy,
+    prior_logit_bias,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -124,6 +129,26 @@ def test_auto_class_weights_favour_rare_classes():
     tc = load_config(None, ["train.class_weights=auto"]).train
     with pytest.raises(ConfigError, match="deeplab prepare"):
         build_loss(tc, 3, 255, class_pixels=None)
+
+
+def test_prior_correction_takes_the_weights_shift_back_out():
+    """Weighted cross-entropy is minimised by probabilities proportional to w_c p_c: a
+    logit bias of -log w_c turns those back into p_c, and prior_correction scales it."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.7, 0.2, 0.1])  # true class probabilities at one pixel
+    w = [0.5, 1.0, 4.0]
+    tc = load_config(None, [f"train.class_weights={w}"]).train
+    # logits trained with the weights converge to log(w_c p_c) + const
+    logits = (torch.tensor(w) * p).log()
+    bias = torch.tensor(prior_logit_bias(tc, 3, None))
+    assert (logits + bias).softmax(0) == pytest.approx(p, abs=1e-5)
+    assert (logits).softmax(0).argmax() == 2 and (logits + bias).softmax(0).argmax() == 0
+    half = load_config(None, [f"train.class_weights={w}", "train.prior_correction=0.5"]).train
+    assert prior_logit_bias(half, 3, None) == pytest.approx((bias / 2).tolist(), abs=1e-5)
+    for off in ([], ["train.class_weights=[1,1,1]", "train.prior_correction=0"]):
+        assert prior_logit_bias(load_config(None, off).train, 3, None) is None
+    with pytest.raises(ConfigError, match="prior_correction"):
+        prior_logit_bias(load_config(None, ["train.prior_correction=-1"]).train, 3, None)
 
 
 def test_cpu_recipe_is_the_shipped_camvid_config():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -138,6 +139,32 @@ def test_evaluate_matches_known_predictions(tmp_path) -> None:
     header = paths["confusion_csv"].read_text().splitlines()[0]
     assert header.endswith("background,red,green")
     assert Image.open(paths["confusion_png"]).mode == "RGB"
+
+
+class BrokenItems(torch.utils.data.Dataset):
+    """Two good items, then a read error, as a corrupt file gives."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if i == 2:
+            raise OSError("cannot decode images/0002.jpg")
+        return torch.full((3, 8, 8), 200, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.long)
+
+
+def test_evaluate_reports_errors_from_reading_and_scoring() -> None:
+    """Reading and scoring run beside the model in threads; their errors still stop
+    evaluate() with the original message."""
+    threads = threading.active_count()
+    with pytest.raises(OSError, match="images/0002.jpg"):
+        evaluate(ChannelModel(), BrokenItems(), 3, 255, "cpu", progress=False)
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    image[2] = 200  # ChannelModel predicts class 2
+    bad = [(image, torch.zeros(4, 4, dtype=torch.long))] * 3
+    with pytest.raises(ValueError, match="predictions must lie in 0..1"):
+        evaluate(ChannelModel(), bad, 2, 255, "cpu", progress=False)  # 3 channels, 2 classes
+    assert threading.active_count() == threads  # no reader or scorer thread left behind
 
 
 def test_class_mismatch_names_both() -> None:

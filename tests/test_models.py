@@ -7,15 +7,21 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 
 from segment_deeplab.checkpoint import FORMAT
 from segment_deeplab.config import ModelConfig
-from segment_deeplab.models import ModelError, build_model, load_init_checkpoint
+from segment_deeplab.models import ModelError, build_model, deeplab, load_init_checkpoint
 from segment_deeplab.models.deeplab import default_atrous_rates
 
 SIZES = [(65, 97), (33, 47)]  # odd on purpose: not multiples of any stride
+
+
+def stretch(x: torch.Tensor, factor: int, size) -> torch.Tensor:
+    """Upsampling straight to the target size, ignoring the stride."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def tiny_cfg(variant: str = "resnet_18", **kw) -> ModelConfig:
@@ -68,6 +74,29 @@ class ModelCase:
         with torch.no_grad():
             torch.testing.assert_close(traced(x), model(x))
 
+    @pytest.mark.parametrize("output_stride", [16, 32])
+    def test_odd_size_stays_aligned(self, output_stride: int, monkeypatch) -> None:
+        """An input of no multiple of the stride gets about the logits of the same image
+        padded to one (with the mean colour, which normalises to 0) and cut back; resizing
+        each map straight to the target size, as before, stretches them and differs 8x more."""
+        model = self.build(output_stride=output_stride).eval()
+        h, w = SIZES[0]
+        x = torch.rand(1, 3, h, w)
+        ph, pw = (-h) % output_stride, (-w) % output_stride
+        padded = model.mean.expand(1, 3, h + ph, w + pw).clone()
+        padded[..., :h, :w] = x
+        with torch.no_grad():
+            ref = model(padded)[..., :h, :w]
+            aligned = model(x)
+            monkeypatch.setattr(deeplab, "upsample", stretch)
+            stretched = model(x)
+
+        def rel(y: torch.Tensor) -> float:
+            return float((y - ref).abs().mean() / ref.abs().mean())
+
+        assert rel(aligned) < 0.1
+        assert rel(aligned) < rel(stretched) / 3
+
     def test_channels_last(self) -> None:
         model = self.build().eval()
         x = torch.rand(1, 3, *SIZES[0])
@@ -76,6 +105,27 @@ class ModelCase:
             model = model.to(memory_format=torch.channels_last)
             y = model(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_logit_bias_applies_when_predicting_only() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(logit_bias=[0.0, 5.0, -5.0]))
+    x = torch.rand(2, 3, *SIZES[1])
+    state = model.state_dict()
+    assert "logit_bias" not in state  # it comes from the config, as the architecture does
+    plain = build_model(tiny_cfg())
+    plain.load_state_dict(state)
+    model.train(), plain.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, plain(x))  # training sees the raw logits
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        diff = model(x) - plain(x)
+    torch.testing.assert_close(diff.mean((0, 2, 3)), torch.tensor([0.0, 5.0, -5.0]))
+    with pytest.raises(ModelError, match="logit_bias has 2 values for 3 classes"):
+        build_model(tiny_cfg(logit_bias=[0.0, 1.0]))
 
 
 class TestResNet18V3Plus(ModelCase):

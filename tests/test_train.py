@@ -19,6 +19,7 @@ from segment_deeplab.config import ConfigError, load_config
 from segment_deeplab.data.dataset_spec import open_dataset
 from segment_deeplab.engine import train as train_mod
 from segment_deeplab.engine.train import TrainingError, fit
+from segment_deeplab.losses import auto_class_weights
 
 
 def _cfg(*extra: str):
@@ -41,6 +42,23 @@ def test_a_few_steps_reduce_the_loss(dataset, tmp_path):
     model, cfg, ck = load_model(tmp_path / "run" / "last.pt")
     assert cfg.model.num_classes == spec.num_classes and ck["step"] == 24
     assert [c["name"] for c in ck["classes"]] == spec.class_names
+
+
+def test_class_weights_are_corrected_for_in_the_saved_model(dataset, tmp_path):
+    spec = open_dataset(dataset)
+    cfg = _cfg("train.steps=2", "train.class_weights=auto")
+    fit(cfg, spec, tmp_path / "run", progress=False)
+    model, saved, _ = load_model(tmp_path / "run" / "last.pt")
+    weights = torch.tensor(auto_class_weights(spec.stats["class_pixels"]))
+    expect = -(weights.log() - weights.log().mean())
+    assert saved.model.logit_bias == pytest.approx(expect.tolist(), abs=1e-5)
+    assert model.logit_bias.flatten().tolist() == pytest.approx(expect.tolist(), abs=1e-5)
+    # no correction without weights, or when switched off
+    fit(_cfg("train.steps=1"), spec, tmp_path / "plain", progress=False)
+    assert load_model(tmp_path / "plain" / "last.pt")[1].model.logit_bias is None
+    off = _cfg("train.steps=1", "train.class_weights=auto", "train.prior_correction=0")
+    fit(off, spec, tmp_path / "off", progress=False)
+    assert load_model(tmp_path / "off" / "last.pt")[1].model.logit_bias is None
 
 
 def _lrs(run: Path) -> list[float]:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +61,71 @@ def _origin(dataset: Dataset, i: int) -> tuple[int, str]:
 
 
 def _batches(
-    loader: DataLoader, batch_size: int
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Consecutive items of equal size grouped into batches of at most `batch_size`."""
+    loader: DataLoader, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Consecutive items of equal size grouped into batches of at most `batch_size`.
+
+    Yields (images (B, 3, H, W), masks). On the CPU the images are already the model's
+    input (floats in [0, 1], channels_last), so that work happens in the prefetch thread.
+    """
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
+
+    def batch() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = torch.stack(images)
+        if device.type == "cpu":
+            x = x.float().div_(255).contiguous(memory_format=torch.channels_last)
+        return x, masks
+
     for image, mask in loader:
         image, mask = torch.as_tensor(image), torch.as_tensor(mask)
         if images and (image.shape != images[0].shape or len(images) == batch_size):
-            yield images, masks
+            yield batch()
             images, masks = [], []
         images.append(image)
         masks.append(mask)
     if images:
-        yield images, masks
+        yield batch()
+
+
+def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """`items`, produced up to `depth` ahead by a background thread.
+
+    Decoding (PIL, torchvision.io) and torch ops release the GIL, so the next images
+    are read while the model runs; Python's share of a forward pass leaves a core idle
+    often enough for that to be nearly free on a 2-core CPU.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put((item, None))
+        except BaseException as exc:  # re-raised in the consumer, with its traceback
+            buffer.put((None, exc))
+        buffer.put((done, None))
+
+    thread = threading.Thread(target=produce, name="eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = buffer.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def _gather(items: list[Any]) -> list[Any]:
@@ -119,17 +175,31 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     bar = tqdm(total=len(dataset), desc="eval", file=sys.stderr, disable=not (progress and main))
+
+    def score(preds: torch.Tensor, masks: list[torch.Tensor], start: int) -> list[dict]:
+        rows = []
+        for k, (pred, mask) in enumerate(zip(preds, masks, strict=True)):
+            mask = mask.to(device, non_blocking=True)
+            miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
+            order, stem = _origin(dataset, start + k)
+            rows.append({"index": order, "stem": stem, "miou": miou})
+        return rows
+
+    # Scoring runs in a second thread, in order, while the model predicts the next batch.
+    pending: deque[Future] = deque()
     index = 0
     try:
-        for images, masks in _batches(loader, batch_size):
-            preds = predict_labels(model, torch.stack(images), scales, flip, window)  # (B, H, W)
-            for pred, mask in zip(preds, masks, strict=True):
-                mask = mask.to(device, non_blocking=True)
-                miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
-                order, stem = _origin(dataset, index)
-                per_image.append({"index": order, "stem": stem, "miou": miou})
-                index += 1
-            bar.update(len(images))
+        batches = _prefetch(_batches(loader, batch_size, device))
+        with closing(batches), ThreadPoolExecutor(1, thread_name_prefix="eval-score") as pool:
+            for images, masks in batches:
+                preds = predict_labels(model, images, scales, flip, window)  # (B, H, W)
+                pending.append(pool.submit(score, preds, masks, index))
+                index += len(masks)
+                while len(pending) > 1 and (pending[0].done() or len(pending) > 2):
+                    per_image += pending.popleft().result()
+                bar.update(len(masks))
+            while pending:
+                per_image += pending.popleft().result()
     finally:
         bar.close()
         model.train(was_training)

@@ -48,6 +48,7 @@ from segment_deeplab.engine.exported import (
     sidecar_path,
     synthetic_images,
 )
+from segment_deeplab.engine.inference import input_multiple
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {
@@ -66,9 +67,9 @@ TRACE_SIZE = (128, 160)  # example input; the parity sizes differ, to prove dyna
 class DeployModel(nn.Module):
     """A segmentation model with optional baked pre-processing and argmax.
 
-    With `preprocessing` it takes uint8 (B, H, W, 3) RGB, scales it to [0, 1] and pads it
-    to the output stride with the mean colour, as `deeplab predict` does, so both give
-    the same class map.
+    With `preprocessing` it takes uint8 (B, H, W, 3) RGB, scales it to [0, 1] and, for a
+    model that needs it (`input_multiple`), pads it to the output stride with the mean
+    colour, as `deeplab predict` does, so both give the same class map.
     """
 
     def __init__(self, model: nn.Module, preprocessing: bool, argmax: bool, num_classes: int):
@@ -76,7 +77,7 @@ class DeployModel(nn.Module):
         self.model = model
         self.preprocessing = preprocessing
         self.argmax = argmax
-        self.stride = int(getattr(model, "output_stride", 1) or 1)
+        self.stride = input_multiple(model)
         self.labels_dtype = torch.uint8 if num_classes <= 256 else torch.int64
         mean = getattr(model, "mean", None)
         if not isinstance(mean, torch.Tensor) or mean.numel() != 3:
@@ -88,6 +89,9 @@ class DeployModel(nn.Module):
             x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
             h, w = x.shape[-2], x.shape[-1]
             s = self.stride
+            if s == 1:
+                y = self.model(x)
+                return y.argmax(1).to(self.labels_dtype) if self.argmax else y
             # Pad always, by a traced amount (0 when aligned): a Python `if` would freeze
             # the branch taken at the example size into the exported graph. Padding a
             # 0/1 frame and adding the colour keeps the image pixels bit-exact.
@@ -159,6 +163,8 @@ def build_metadata(
         "mean": getattr(model, "mean", torch.zeros(3)).flatten().tolist(),
         "std": getattr(model, "std", torch.ones(3)).flatten().tolist(),
         "output_stride": int(getattr(model, "output_stride", 1) or 1),
+        # Pad height and width to a multiple of this before running a plain export.
+        "input_multiple": input_multiple(model),
         "input": inp,
         "output": out,
         "config": cfg.to_dict(),

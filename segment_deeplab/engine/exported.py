@@ -137,6 +137,8 @@ class ExportedModel(nn.Module):
         self.labels_output = meta["output"]["name"] == "labels"
         self.num_classes = len(meta["classes"])
         self.output_stride = int(meta.get("output_stride", 1))
+        # Exports of models that needed their input padded to the stride lack the key.
+        self.input_multiple = int(meta.get("input_multiple", self.output_stride))
         self.register_buffer("mean", torch.tensor(meta["mean"]).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _stride(model: nn.Module) -> int:
-    return int(getattr(model, "output_stride", 1) or 1)
+def input_multiple(model: nn.Module) -> int:
+    """What an input's height and width are padded to a multiple of before the model.
+
+    The project's DeepLab models upsample stride-aligned (`models.deeplab.upsample`), so
+    they take any size as it is; exports say what they need (`input_multiple` in their
+    metadata); other models with an `output_stride` get padded to it.
+    """
+    from segment_deeplab.models.deeplab import DeepLabV3
+
+    if isinstance(model, DeepLabV3):
+        return 1
+    multiple = getattr(model, "input_multiple", None)
+    if multiple is None:
+        multiple = getattr(model, "output_stride", 1)
+    return int(multiple or 1)
 
 
 def _pad(model: nn.Module, x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
@@ -65,12 +78,13 @@ def _pad(model: nn.Module, x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
 
 
 def _logits_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of (B, 3, h, w) in [0, 1], padded to the model's stride.
+    """Logits of (B, 3, h, w) in [0, 1], padded to `input_multiple(model)` if needed.
 
-    A size that is a multiple of the output stride keeps the feature grid aligned
-    with the pixels; the padding is cut off again before returning (B, C, h, w).
+    For a model whose upsampling is not stride-aligned, a size that is a multiple of
+    the output stride keeps the feature grid aligned with the pixels; the padding is
+    cut off again before returning (B, C, h, w).
     """
-    s = _stride(model)
+    s = input_multiple(model)
     h, w = x.shape[-2:]
     ph, pw = (-h) % s, (-w) % s
     if ph or pw:

@@ -181,7 +181,7 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, spec: DatasetSpec) -> None:
     """Refuse to resume with another model, data pipeline or dataset; list the differences."""
     old = Config.from_dict(ckpt["config"])
     old.model.num_classes = cfg.model.num_classes or old.model.num_classes
-    ignore = {"pretrained", "init_checkpoint"}
+    ignore = {"pretrained", "init_checkpoint", "logit_bias"}
     om = {k: v for k, v in vars(old.model).items() if k not in ignore}
     nm = {k: v for k, v in vars(cfg.model).items() if k not in ignore}
     diffs = _diff(om, nm, "model.")

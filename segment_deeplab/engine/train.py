@@ -30,7 +30,7 @@ from segment_deeplab.engine.runstate import (
     prepare_model,
     resolve_amp,
 )
-from segment_deeplab.losses import build_loss
+from segment_deeplab.losses import build_loss, prior_logit_bias
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +113,10 @@ def fit(
     info = distributed.setup(device)
     cfg.model.num_classes = spec.num_classes
     tc = cfg.train
+    if cfg.model.logit_bias is None:  # class weights' shift, taken out at inference
+        cfg.model.logit_bias = prior_logit_bias(
+            tc, spec.num_classes, spec.stats.get("class_pixels")
+        )
 
     state: RunState | None = None
     if resume:

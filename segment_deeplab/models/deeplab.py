@@ -50,11 +50,32 @@ def check_config(cfg: ModelConfig) -> None:
         )
     if cfg.atrous_rates is not None and any(int(r) < 1 for r in cfg.atrous_rates):
         raise ModelError(f"model.atrous_rates={cfg.atrous_rates}: rates must be >= 1")
+    if cfg.logit_bias is not None and len(cfg.logit_bias) != cfg.num_classes:
+        raise ModelError(
+            f"model.logit_bias has {len(cfg.logit_bias)} values for {cfg.num_classes} classes; "
+            "give one per class, or null"
+        )
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     for key in ("aspp_channels", "decoder_channels", "low_level_channels"):
         if getattr(cfg, key) < 1:
             raise ModelError(f"model.{key}={getattr(cfg, key)} must be >= 1")
+
+
+def upsample(x: torch.Tensor, factor: int, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of a stride-`s` map by `factor`, cut to `size` (H, W).
+
+    Each stride-2 layer rounds up, so the map of an input whose size is no multiple of
+    the stride covers ceil(H / s) * s pixels, a little more than the input. Scaling by
+    the stride ratio and cutting off the excess keeps every feature over the pixels it
+    was computed from; resizing straight to `size` would stretch the map by up to one
+    feature and shift the far edge (1.7 mIoU on CamVid's 480x360 at output stride 32).
+    """
+    h, w = size[0], size[1]  # no int(): tracing for export keeps them dynamic
+    if factor > 1:
+        y = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+        return y[..., :h, :w]
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def init_head(module: nn.Module) -> None:
@@ -79,8 +100,10 @@ class Decoder(nn.Module):
         low_channels: int,
         channels: int,
         separable: bool,
+        factor: int = 1,
     ) -> None:
         super().__init__()
+        self.factor = factor  # high-level stride / low-level stride
         # TF reduces the low-level features to 48 channels so they do not outweigh ASPP.
         self.project = conv_bn_relu(low_in_channels, low_channels, 1)
         self.fuse = nn.Sequential(
@@ -90,7 +113,7 @@ class Decoder(nn.Module):
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         low = self.project(low)  # (B, low_channels, H/4, W/4) at decoder stride 4
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = upsample(high, self.factor, low.shape[-2:])
         return self.fuse(torch.cat([high, low], dim=1))  # (B, channels, H/4, W/4)
 
 
@@ -130,9 +153,17 @@ class DeepLabV3(nn.Module):
             cfg.image_pooling,
             self.separable,
         )
+        # Stride of the classifier's input: the decoder's in v3+, the output stride in v3.
+        self.head_stride = cfg.output_stride
         head_channels = self._build_decoder(spec)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
+        # Class prior correction, added to the logits in eval mode only (training's loss
+        # sees the raw logits). It follows from the config, so it is not in state dicts.
+        bias = None
+        if cfg.logit_bias is not None:
+            bias = torch.tensor(cfg.logit_bias, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("logit_bias", bias, persistent=False)
         init_head(self.aspp)
         # Small logits at the start: no class is favoured before training.
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -151,7 +182,9 @@ class DeepLabV3(nn.Module):
         features = self.backbone((x - self.mean) / self.std)
         y = self.aspp(features[-1])  # (B, aspp_channels, H/os, W/os)
         y = self.classifier(self.dropout(self.decode(y, features)))
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        if self.logit_bias is not None and not self.training:
+            y = y + self.logit_bias
+        return upsample(y, self.head_stride, size)
 
 
 class DeepLabV3Plus(DeepLabV3):
@@ -168,7 +201,9 @@ class DeepLabV3Plus(DeepLabV3):
             cfg.low_level_channels,
             cfg.decoder_channels,
             self.separable,
+            factor=cfg.output_stride // cfg.decoder_output_stride,
         )
+        self.head_stride = cfg.decoder_output_stride
         init_head(self.decoder)
         return cfg.decoder_channels
 

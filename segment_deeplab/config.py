@@ -134,8 +134,8 @@ CPU_RECIPE: dict[str, dict[str, Any]] = {
     "data": {"crop_size": [256, 256], "scale_range": [0.75, 1.25], "batch_size": 8},
     "train": {
         "optimizer": "adamw",
-        "lr": 0.002,
-        "weight_decay": 0.0001,
+        "lr": 0.004,
+        "weight_decay": 0.01,
         "warmup_steps": 20,
         "class_weights": "auto",
     },

@@ -331,6 +331,12 @@ def test_eval_cli_end_to_end_on_saved_checkpoint(tmp_path, capsys) -> None:
     result = json.loads(capsys.readouterr().out)
     assert rc == 0 and result["images"] == 2 and len(result["iou"]) == 3
     assert (tmp_path / "run" / "eval_val" / "metrics.json").is_file()
+    # --amp off: an fp32 forward pass, recorded in the result
+    base = ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(spec), "--json"]
+    assert cli.main([*base, "--amp", "off", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["forward_dtype"] == "float32"
+    assert cli.main([*base, "--amp", "fp16", "--device", "cpu"]) == 2
+    assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
     # A checkpoint for other classes is refused with both class lists named.
     ckpt["classes"] = ckpt["classes"][:2]
     ckpt_mod.atomic_save(ckpt, tmp_path / "run" / "best.pt")

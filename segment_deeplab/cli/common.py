@@ -36,6 +36,11 @@ def tta_args(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=1, metavar="N", help="same-size images per pass"
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+        help="precision of the forward pass: auto is bf16 on GPUs and AMX CPUs (as training "
+        "uses), off is fp32 (exported models always run as saved)",
+    )  # fmt: skip
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -45,9 +50,11 @@ def check_tta(args) -> None:
     from segment_deeplab.engine.distributed import pick_device
 
     try:
-        pick_device(args.device)
+        device = pick_device(args.device)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"--device {args.device}: {e}") from e
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device, not {device}; use bf16 or off")
     if any(s <= 0 for s in args.scales):
         raise UserError(f"--scales must be positive, got {args.scales}")
     if args.window is not None and args.window < 16:

@@ -52,6 +52,7 @@ def _cmd_eval(args) -> int:
         background=args.background,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        amp=args.amp,
     )
     if result is None:  # not rank 0 under torchrun
         return 0
@@ -105,6 +106,7 @@ def _cmd_predict(args) -> int:
         batch_size=args.batch_size,
         save_probs=args.save_probs,
         progress=not args.no_progress,
+        amp=args.amp,
     )
     if args.json:
         written = [str(p) for p in result.written]

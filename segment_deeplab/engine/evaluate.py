@@ -88,6 +88,12 @@ def _batches(
         yield batch()
 
 
+def _one_thread() -> None:
+    """Torch ops of a helper thread run on one core: a thread of its own would otherwise
+    start a second team of intra-op threads and fight the model's for the cores."""
+    torch.set_num_threads(1)
+
+
 def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """`items`, produced up to `depth` ahead by a background thread.
 
@@ -100,6 +106,7 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     stop = threading.Event()
 
     def produce() -> None:
+        _one_thread()
         try:
             for item in items:
                 if stop.is_set():
@@ -151,13 +158,14 @@ def evaluate(
     background: int | None = None,
     batch_size: int = 1,
     workers: int = 0,
+    amp: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of `model` on `dataset` (this process's shard) at full resolution.
 
     Args:
         dataset: yields (image uint8 (3, H, W), mask int64 (H, W)); already sharded
             under torchrun (see `shard`); the matrix is summed over ranks here.
-        scales, flip, window: test-time options of `predict_probs`.
+        scales, flip, window, amp: test-time options and precision of `predict_probs`.
         class_names, background: for the result's names and foreground mIoU.
         batch_size: images of the same size predicted together.
 
@@ -190,9 +198,9 @@ def evaluate(
     index = 0
     try:
         batches = _prefetch(_batches(loader, batch_size, device))
-        with closing(batches), ThreadPoolExecutor(1, thread_name_prefix="eval-score") as pool:
+        with closing(batches), ThreadPoolExecutor(1, "eval-score", _one_thread) as pool:
             for images, masks in batches:
-                preds = predict_labels(model, images, scales, flip, window)  # (B, H, W)
+                preds = predict_labels(model, images, scales, flip, window, amp=amp)  # (B, H, W)
                 pending.append(pool.submit(score, preds, masks, index))
                 index += len(masks)
                 while len(pending) > 1 and (pending[0].done() or len(pending) > 2):
@@ -330,6 +338,7 @@ def run_eval(
     background: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    amp: str = "auto",
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint (file or run folder) on a dataset split; write the outputs.
 
@@ -340,6 +349,7 @@ def run_eval(
     from segment_deeplab.data.dataset_spec import open_dataset
     from segment_deeplab.data.folder import SegmentationFolder
     from segment_deeplab.engine import distributed
+    from segment_deeplab.engine.runstate import resolve_amp
     from segment_deeplab.metrics import background_index
 
     ds = open_dataset(data, spec)
@@ -362,7 +372,9 @@ def run_eval(
             class_names=ds.class_names,
             background=background_index(ds.class_names, background),
             batch_size=batch_size,
+            amp=amp,
         )
+        dtype = resolve_amp(amp, info.device)[0] or torch.float32
     finally:
         distributed.teardown()
     if not info.is_main:
@@ -372,5 +384,6 @@ def run_eval(
     out = Path(output) if output is not None else run_dir / f"eval_{split}"
     result.update(checkpoint=str(checkpoint), dataset=str(data), split=split)
     result.update(scales=list(scales), flip=flip, window=window)
+    result["forward_dtype"] = str(dtype).removeprefix("torch.")  # of the model's forward pass
     result["outputs"] = {k: str(v) for k, v in write_outputs(result, out).items()}
     return result

@@ -129,6 +129,7 @@ def predict_groups(
     flip: bool = False,
     window: int | None = None,
     on_error: Callable[[int, Exception], None] | None = None,
+    amp: str = "auto",
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Probabilities of images, those of the same size predicted together.
 
@@ -137,7 +138,7 @@ def predict_groups(
         sources: image files, decoded one batch at a time (a long list never sits in
             memory whole), or uint8 (3, H, W) tensors.
         batch_size: most images per forward pass.
-        scales, flip, window: TTA, see `predict_probs`.
+        scales, flip, window, amp: TTA and precision, see `predict_probs`.
         on_error: called with (index, exception) for a source that cannot be read,
             which is then skipped; None: the exception propagates.
 
@@ -168,7 +169,8 @@ def predict_groups(
         # Decoded sizes match the headers; a mismatch still must not break the batch.
         for shape in dict.fromkeys(t.shape for _, t in loaded):
             batch = [(i, t) for i, t in loaded if t.shape == shape]
-            probs = predict_probs(model, torch.stack([t for _, t in batch]), scales, flip, window)
+            images = torch.stack([t for _, t in batch])
+            probs = predict_probs(model, images, scales, flip, window, amp=amp)
             for (i, image), p in zip(batch, probs, strict=True):
                 yield i, image, p
 
@@ -205,6 +207,7 @@ def predict(
     batch_size: int = 1,
     save_probs: bool = False,
     progress: bool = True,
+    amp: str = "auto",
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
@@ -225,7 +228,7 @@ def predict(
         result.failed.append((paths[i].name, _reason(e)))
         bar.update(1)
 
-    options = {"scales": scales, "flip": flip, "window": window, "on_error": skip}
+    options = {"scales": scales, "flip": flip, "window": window, "on_error": skip, "amp": amp}
     for i, image, p in predict_groups(model, paths, batch_size, **options):
         try:
             result.written.append(

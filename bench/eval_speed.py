@@ -2,11 +2,11 @@
 
     python bench/eval_speed.py --data CAMVID_PREPARED/dataset.yaml [--config configs/X.yaml]
 
-`evaluate` decodes each val image and mask, pads to the output stride, runs the model,
-takes softmax and argmax and updates the confusion matrix and per-image mIoU. The raw
-forward is `model(x)` on an image already in memory at the same size (480x360 for
-CamVid), under `torch.inference_mode`, channels_last and the same autocast as
-`evaluate`. The two alternate in rounds.
+`evaluate` decodes each val image and mask (in a reader thread), runs the model on the
+image as it is, takes the argmax and updates the confusion matrix and per-image mIoU (in
+a scoring thread). The raw forward is `model(x)` on an image already in memory at the
+same size (480x360 for CamVid), under `torch.inference_mode`, channels_last and the
+same autocast as `evaluate`. The two alternate in rounds.
 """
 
 from __future__ import annotations

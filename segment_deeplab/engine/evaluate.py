@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab.checkpoint import CheckpointError
-from segment_deeplab.engine.inference import predict_labels, prepare_model
+from segment_deeplab.engine.inference import labels, predict_scores, prepare_model
 from segment_deeplab.metrics import ConfusionMatrix, matrix_miou
 from segment_deeplab.palette import load_font
 
@@ -184,24 +184,25 @@ def evaluate(
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     bar = tqdm(total=len(dataset), desc="eval", file=sys.stderr, disable=not (progress and main))
 
-    def score(preds: torch.Tensor, masks: list[torch.Tensor], start: int) -> list[dict]:
+    def score(scores: torch.Tensor, masks: list[torch.Tensor], start: int) -> list[dict]:
         rows = []
-        for k, (pred, mask) in enumerate(zip(preds, masks, strict=True)):
+        for k, (pred, mask) in enumerate(zip(labels(scores), masks, strict=True)):
             mask = mask.to(device, non_blocking=True)
             miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
             order, stem = _origin(dataset, start + k)
             rows.append({"index": order, "stem": stem, "miou": miou})
         return rows
 
-    # Scoring runs in a second thread, in order, while the model predicts the next batch.
+    # Scoring (argmax, confusion matrix) runs in a second thread, in order, while the model
+    # predicts the next batch.
     pending: deque[Future] = deque()
     index = 0
     try:
         batches = _prefetch(_batches(loader, batch_size, device))
         with closing(batches), ThreadPoolExecutor(1, "eval-score", _one_thread) as pool:
             for images, masks in batches:
-                preds = predict_labels(model, images, scales, flip, window, amp=amp)  # (B, H, W)
-                pending.append(pool.submit(score, preds, masks, index))
+                scores = predict_scores(model, images, scales, flip, window, amp=amp)
+                pending.append(pool.submit(score, scores, masks, index))
                 index += len(masks)
                 while len(pending) > 1 and (pending[0].done() or len(pending) > 2):
                     per_image += pending.popleft().result()

@@ -195,6 +195,28 @@ def predict_probs(
 
 
 @torch.inference_mode()
+def predict_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 1 / 3,
+    amp: str = "auto",
+) -> torch.Tensor:
+    """(B, C, H, W) scores whose argmax over C is the prediction (see `predict_probs`).
+
+    A single pass (one scale of 1, no flip, no tiling) returns the logits: their argmax
+    is that of the probabilities, and the softmax is skipped.
+    """
+    x = _to_float(images, _model_device(model))
+    tiled = window is not None and max(x.shape[-2:]) > window
+    if list(scales) != [1.0] or flip or tiled:
+        return predict_probs(model, x, scales, flip, window, overlap, amp)
+    with _autocast(model, x.device, amp):
+        return _logits_padded(model, x)
+
+
 def predict_labels(
     model: nn.Module,
     images: torch.Tensor,
@@ -204,14 +226,5 @@ def predict_labels(
     overlap: float = 1 / 3,
     amp: str = "auto",
 ) -> torch.Tensor:
-    """(B, H, W) int64 class ids, with the options of `predict_probs`.
-
-    A single pass (one scale of 1, no flip, no tiling) skips the softmax: the argmax
-    of the logits is the argmax of the probabilities.
-    """
-    x = _to_float(images, _model_device(model))
-    tiled = window is not None and max(x.shape[-2:]) > window
-    if list(scales) != [1.0] or flip or tiled:
-        return labels(predict_probs(model, x, scales, flip, window, overlap, amp))
-    with _autocast(model, x.device, amp):
-        return labels(_logits_padded(model, x))
+    """(B, H, W) int64 class ids, with the options of `predict_probs`."""
+    return labels(predict_scores(model, images, scales, flip, window, overlap, amp))

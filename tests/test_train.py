@@ -94,6 +94,16 @@ def test_resume_with_a_changed_model_refuses_listing_differences(dataset, tmp_pa
         fit(_cfg("train.steps=4", "model.output_stride=8"), spec, tmp_path / "run", resume=True)
 
 
+def test_batch_of_one_from_scratch_is_refused_with_the_ways_out(dataset, tmp_path):
+    spec = open_dataset(dataset)
+    with pytest.raises(ConfigError, match="data.batch_size=2 or more.*train.freeze_bn=true"):
+        fit(_cfg("train.steps=1", "data.batch_size=1"), spec, tmp_path / "one", progress=False)
+    assert not (tmp_path / "one" / "last.pt").exists()
+    ok = _cfg("train.steps=1", "data.batch_size=1", "train.freeze_bn=true")
+    fit(ok, spec, tmp_path / "ok", progress=False)
+    assert (tmp_path / "ok" / "last.pt").is_file()
+
+
 def test_new_run_into_an_existing_run_folder_refuses(dataset, tmp_path):
     spec = open_dataset(dataset)
     fit(_cfg("train.steps=1"), spec, tmp_path / "run", progress=False)

@@ -74,6 +74,14 @@ def prepare_model(
     freeze_bn = cfg.train.freeze_bn
     if freeze_bn is None:
         freeze_bn = initialised and cfg.data.batch_size < MIN_BN_BATCH
+    synced = info.enabled and info.world_size > 1 and info.device.type == "cuda"
+    if not freeze_bn and cfg.data.batch_size < 2 and cfg.model.image_pooling and not synced:
+        raise ConfigError(
+            "data.batch_size=1 cannot train batch norm: the image-pooling branch sees one "
+            "value per channel. Use data.batch_size=2 or more (DeepLab trains with 8+), "
+            "start from weights (--init-checkpoint or --pretrained: batch norm is then "
+            "frozen at small batches), or set train.freeze_bn=true"
+        )
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -47,19 +47,23 @@ class ConfusionMatrix:
         n = self.num_classes
         if self.mat is None:
             self.mat = torch.zeros((n, n), dtype=torch.int64, device=target.device)
-        target = target.reshape(-1).to(self.mat.device, torch.int64)
-        pred = pred.reshape(-1).to(self.mat.device, torch.int64)
+        # int32 arithmetic: half the memory traffic of int64, and n * n + 1 always fits.
+        target = target.reshape(-1).to(self.mat.device, torch.int32)
+        pred = pred.reshape(-1).to(self.mat.device, torch.int32)
         # Ignore pixels (and any value outside the classes) carry no ground truth: they
         # count in one spare bin past the matrix, which is cheaper than selecting pixels.
-        unlabelled = (target < 0) | (target >= n) | (target == self.ignore_index)
-        pred = pred.masked_fill(unlabelled, 0)
+        unlabelled = (target < 0) | (target >= n)
+        if 0 <= self.ignore_index < n:
+            unlabelled |= target == self.ignore_index
         if pred.numel():
             low, high = torch.aminmax(pred)
+            if int(low) < 0 or int(high) >= n:  # only where there is ground truth
+                low, high = torch.aminmax(pred.masked_fill(unlabelled, 0))
             if int(low) < 0 or int(high) >= n:
                 # An out-of-range prediction would silently land in another row's cell.
                 raise ValueError(f"predictions must lie in 0..{n - 1}")
         index = (target * n + pred).masked_fill_(unlabelled, n * n)
-        batch = torch.bincount(index, minlength=n * n + 1)[: n * n].reshape(n, n)
+        batch = torch.bincount(index, minlength=n * n + 1)[: n * n].reshape(n, n).long()
         self.mat += batch
         return batch
 

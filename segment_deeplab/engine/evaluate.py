@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import queue
 import sys
-import threading
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +60,8 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Consecutive items of equal size grouped into batches of at most `batch_size`.
 
-    Yields (images (B, 3, H, W), masks). On the CPU the images are already the model's
-    input (floats in [0, 1], channels_last), so that work happens in the prefetch thread.
+    Yields (images (B, 3, H, W), masks); on the CPU the images are already the model's
+    input (floats in [0, 1], channels_last).
     """
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
@@ -86,53 +81,6 @@ def _batches(
         masks.append(mask)
     if images:
         yield batch()
-
-
-def _one_thread() -> None:
-    """Torch ops of a helper thread run on one core: a thread of its own would otherwise
-    start a second team of intra-op threads and fight the model's for the cores."""
-    torch.set_num_threads(1)
-
-
-def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
-    """`items`, produced up to `depth` ahead by a background thread.
-
-    Decoding (PIL, torchvision.io) and torch ops release the GIL, so the next images
-    are read while the model runs; Python's share of a forward pass leaves a core idle
-    often enough for that to be nearly free on a 2-core CPU.
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        _one_thread()
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                buffer.put((item, None))
-        except BaseException as exc:  # re-raised in the consumer, with its traceback
-            buffer.put((None, exc))
-        buffer.put((done, None))
-
-    thread = threading.Thread(target=produce, name="eval-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = buffer.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full buffer
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
 
 
 def _gather(items: list[Any]) -> list[Any]:
@@ -184,31 +132,17 @@ def evaluate(
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     bar = tqdm(total=len(dataset), desc="eval", file=sys.stderr, disable=not (progress and main))
 
-    def score(scores: torch.Tensor, masks: list[torch.Tensor], start: int) -> list[dict]:
-        rows = []
-        for k, (pred, mask) in enumerate(zip(labels(scores), masks, strict=True)):
-            mask = mask.to(device, non_blocking=True)
-            miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
-            order, stem = _origin(dataset, start + k)
-            rows.append({"index": order, "stem": stem, "miou": miou})
-        return rows
-
-    # Scoring (argmax, confusion matrix) runs in a second thread, in order, while the model
-    # predicts the next batch.
-    pending: deque[Future] = deque()
     index = 0
     try:
-        batches = _prefetch(_batches(loader, batch_size, device))
-        with closing(batches), ThreadPoolExecutor(1, "eval-score", _one_thread) as pool:
-            for images, masks in batches:
-                scores = predict_scores(model, images, scales, flip, window, amp=amp)
-                pending.append(pool.submit(score, scores, masks, index))
-                index += len(masks)
-                while len(pending) > 1 and (pending[0].done() or len(pending) > 2):
-                    per_image += pending.popleft().result()
-                bar.update(len(masks))
-            while pending:
-                per_image += pending.popleft().result()
+        for images, masks in _batches(loader, batch_size, device):
+            scores = predict_scores(model, images, scales, flip, window, amp=amp)
+            for pred, mask in zip(labels(scores), masks, strict=True):
+                mask = mask.to(device, non_blocking=True)
+                miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
+                order, stem = _origin(dataset, index)
+                per_image.append({"index": order, "stem": stem, "miou": miou})
+                index += 1
+            bar.update(len(masks))
     finally:
         bar.close()
         model.train(was_training)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from segment_deeplab.checkpoint import FORMAT
 from segment_deeplab.config import ModelConfig
+from segment_deeplab.engine.inference import fold_batch_norm
 from segment_deeplab.models import ModelError, build_model, deeplab, load_init_checkpoint
 from segment_deeplab.models.deeplab import default_atrous_rates
 
@@ -96,6 +97,19 @@ class ModelCase:
 
         assert rel(aligned) < 0.1
         assert rel(aligned) < rel(stretched) / 3
+
+    def test_fold_batch_norm_keeps_the_outputs(self) -> None:
+        model = self.build().eval()
+        folded = fold_batch_norm(model)
+        x = torch.rand(2, 3, *SIZES[1])  # another size than any trace would see
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+        def norms(m: torch.nn.Module) -> int:
+            return sum(isinstance(n, torch.nn.BatchNorm2d) for n in m.modules())
+
+        assert norms(folded) < norms(model) / 4  # fused: nearly all convs absorb theirs
+        assert norms(model) > 0 and fold_batch_norm(model.train()) is model
 
     def test_channels_last(self) -> None:
         model = self.build().eval()

@@ -9,6 +9,7 @@ full-resolution photo never needs one giant forward pass.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -22,9 +23,41 @@ from segment_deeplab.data.transforms import MEAN_RGB
 TILE_BATCH = 8
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to `device` in eval mode, channels_last: convolutions gain on CPUs and GPUs."""
-    return model.to(device).eval().to(memory_format=torch.channels_last)
+def prepare_model(model: nn.Module, device: torch.device, fold_bn: bool = True) -> nn.Module:
+    """The model to predict with: on `device`, in eval mode, channels_last (convolutions
+    gain on CPUs and GPUs), and for the project's DeepLab models a copy with batch norm
+    folded into the convolutions (`fold_batch_norm`)."""
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    if fold_bn:
+        model = fold_batch_norm(model)
+    return model
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of a DeepLab model in eval mode whose convolutions absorb the batch norms
+    after them: the same outputs (to float rounding), about 10% less time per image.
+
+    The backbone, ASPP and decoder are each traced with torch.fx and fused; a part that
+    does not trace (an unusual timm backbone) stays as it is. Other models come back
+    unchanged; so does a model in training mode, whose batch norms still learn.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from segment_deeplab.models.deeplab import DeepLabV3
+
+    if not isinstance(model, DeepLabV3) or model.training:
+        return model
+    model = copy.deepcopy(model)
+    for name in ("backbone", "aspp", "decoder"):
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        try:
+            fused = fuse(part, inplace=True)
+        except Exception:  # tracing fails on some control flow: keep batch norm there
+            continue
+        setattr(model, name, fused.to(memory_format=torch.channels_last))
+    return model
 
 
 def labels(probs: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ ratio project / peer. Contenders for each backbone:
   defaults (full 3x3 convs, about twice the peer's decoder FLOPs).
 
 Inference is one batch under `torch.inference_mode`: the peer's plain `model(x)`; the
-project's `predict_probs` (uint8 in, softmax out) with the model laid out as
-`inference.prepare_model` does, and with the proposed change (channels_last + bf16
-autocast where the CPU has AMX, as training does).
+project's `predict_probs` (uint8 in, softmax out) with the model prepared as
+`inference.prepare_model` does for `deeplab eval/predict` (channels_last, batch norm
+folded into the convolutions, bf16 autocast where the CPU has AMX), and the same without
+the folding.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class Contender:
         self.compiled.train()
 
     def infer_proposed(self) -> None:
-        """Project inference with the proposed change: channels_last and bf16 autocast on
-        CPUs with AMX too (`runstate.resolve_amp("auto")`), as training already does."""
+        """Project inference without batch norm folding: the trained model as it is,
+        channels_last, bf16 autocast where `runstate.resolve_amp("auto")` picks it."""
         model = self.compiled.eval()
         amp, _ = resolve_amp("auto", self.device)
         with torch.autocast(self.device.type, amp or torch.float32, amp is not None):
@@ -241,7 +242,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"median of {args.rounds} alternating rounds of {args.steps} step(s); x peer = "
         "median of the per-round ratios to the first row\n\n"
         "| backbone | contender | GFLOPs/img | train img/s | x peer | infer img/s | x peer "
-        "| infer img/s, proposed | x peer |\n"
+        "| infer img/s, batch norm not folded | x peer |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
 

@@ -162,10 +162,17 @@ class TestMobileNetV3SmallV3Plus(ModelCase):
     variant = "mobilenet_v3_small"
 
 
-def test_xception65_forward_shape() -> None:
+def test_xception65_forward_shape_and_folding() -> None:
     model = build_model(tiny_cfg("xception_65")).eval()
+    x = torch.rand(1, 3, *SIZES[0])
     with torch.no_grad():
-        assert model(torch.rand(1, 3, *SIZES[0])).shape == (1, 3, *SIZES[0])
+        assert model(x).shape == (1, 3, *SIZES[0])
+        # timm's xception gives its features through forward hooks, which a torch.fx
+        # trace drops: its backbone must stay unfused, and the head still folds.
+        folded = fold_batch_norm(model)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert type(folded.backbone) is type(model.backbone)
+    assert isinstance(folded.aspp, torch.fx.GraphModule)
 
 
 # --- TF DeepLab settings and names -------------------------------------------------------

@@ -134,7 +134,6 @@ def test_auto_class_weights_favour_rare_classes():
 def test_prior_correction_takes_the_weights_shift_back_out():
     """Weighted cross-entropy is minimised by probabilities proportional to w_c p_c: a
     logit bias of -log w_c turns those back into p_c, and prior_correction scales it."""
-    torch.manual_seed(0)
     p = torch.tensor([0.7, 0.2, 0.1])  # true class probabilities at one pixel
     w = [0.5, 1.0, 4.0]
     tc = load_config(None, [f"train.class_weights={w}"]).train

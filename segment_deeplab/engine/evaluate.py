@@ -56,31 +56,21 @@ def _origin(dataset: Dataset, i: int) -> tuple[int, str]:
 
 
 def _batches(
-    loader: DataLoader, batch_size: int, device: torch.device
+    loader: DataLoader, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Consecutive items of equal size grouped into batches of at most `batch_size`.
-
-    Yields (images (B, 3, H, W), masks); on the CPU the images are already the model's
-    input (floats in [0, 1], channels_last).
-    """
+    """Consecutive items of equal size grouped into batches of at most `batch_size`:
+    (images (B, 3, H, W), masks)."""
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
-
-    def batch() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = torch.stack(images)
-        if device.type == "cpu":
-            x = x.float().div_(255).contiguous(memory_format=torch.channels_last)
-        return x, masks
-
     for image, mask in loader:
         image, mask = torch.as_tensor(image), torch.as_tensor(mask)
         if images and (image.shape != images[0].shape or len(images) == batch_size):
-            yield batch()
+            yield torch.stack(images), masks
             images, masks = [], []
         images.append(image)
         masks.append(mask)
     if images:
-        yield batch()
+        yield torch.stack(images), masks
 
 
 def _gather(items: list[Any]) -> list[Any]:
@@ -131,10 +121,9 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     bar = tqdm(total=len(dataset), desc="eval", file=sys.stderr, disable=not (progress and main))
-
     index = 0
     try:
-        for images, masks in _batches(loader, batch_size, device):
+        for images, masks in _batches(loader, batch_size):
             scores = predict_scores(model, images, scales, flip, window, amp=amp)
             for pred, mask in zip(labels(scores), masks, strict=True):
                 mask = mask.to(device, non_blocking=True)

@@ -87,11 +87,9 @@ class DeployModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preprocessing:
             x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+        if self.preprocessing and self.stride > 1:  # decided per model, not per input
             h, w = x.shape[-2], x.shape[-1]
             s = self.stride
-            if s == 1:
-                y = self.model(x)
-                return y.argmax(1).to(self.labels_dtype) if self.argmax else y
             # Pad always, by a traced amount (0 when aligned): a Python `if` would freeze
             # the branch taken at the example size into the exported graph. Padding a
             # 0/1 frame and adding the colour keeps the image pixels bit-exact.

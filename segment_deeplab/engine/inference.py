@@ -49,6 +49,11 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
 
     if not isinstance(model, DeepLabV3) or model.training:
         return model
+    # A probe image of a size that is no multiple of any stride, and the model's logits.
+    probe = torch.rand(1, 3, 65, 97, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(_model_device(model)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = model(probe).float()
     folded = copy.deepcopy(model)
     for name in ("backbone", "aspp", "decoder"):
         part = getattr(folded, name, None)
@@ -59,23 +64,21 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
         except Exception:  # tracing fails on some control flow: keep batch norm there
             continue
         setattr(folded, name, fused.to(memory_format=torch.channels_last))
-        if not _same_outputs(model, folded):
+        if not _gives(folded, probe, want):
             setattr(folded, name, part)
     return folded
 
 
-def _same_outputs(model: nn.Module, other: nn.Module) -> bool:
-    """Whether two models give the same logits (to float rounding) on a probe image of
-    a size that is no multiple of any stride."""
-    p = next(model.parameters(), None)
-    x = torch.rand(1, 3, 65, 97, generator=torch.Generator().manual_seed(0))
-    x = x.to(p.device if p is not None else "cpu").contiguous(memory_format=torch.channels_last)
+def _gives(model: nn.Module, x: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether `model(x)` gives the logits `want`, to float rounding."""
     try:
         with torch.inference_mode():
-            a, b = model(x).float(), other(x).float()
+            got = model(x).float()
     except Exception:
         return False
-    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-3 * (1 + a.abs().max()))
+    return got.shape == want.shape and bool(
+        (got - want).abs().max() <= 1e-3 * (1 + want.abs().max())
+    )
 
 
 def labels(probs: torch.Tensor) -> torch.Tensor:

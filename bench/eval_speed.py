@@ -3,12 +3,18 @@
     python bench/eval_speed.py --data CAMVID_PREPARED/dataset.yaml [--config configs/X.yaml]
 
 `evaluate` decodes each val image and mask, runs the model on the image as it is, takes
-the argmax and updates the confusion matrix and per-image mIoU. The raw forward is
-`model(x)` on an image already in memory at the same size (480x360 for CamVid), under
-`torch.inference_mode`, channels_last and the same autocast as `evaluate`: once for the
-model `evaluate` runs (batch norm folded into the convolutions, as `deeplab eval`
-prepares it) and once for the model as trained and saved (batch norm separate). They
-alternate in rounds.
+the argmax and updates the confusion matrix and per-image mIoU; on a CPU it works on two
+images at once, one per stream of half the threads (`inference.in_streams`). The raw
+forward is `model(x)` on an image already in memory at the same size (480x360 for
+CamVid), under `torch.inference_mode`, channels_last and the same autocast as
+`evaluate`, three ways:
+
+- plain: one image after another on all threads, for the model `evaluate` runs (batch
+  norm folded into the convolutions, as `deeplab eval` prepares it);
+- as saved: the same for the model as trained and saved (batch norm separate);
+- in streams: the folded model run the way `evaluate` runs it, two images at once.
+
+They alternate in rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ from segment_deeplab.config import load_config  # noqa: E402
 from segment_deeplab.data.dataset_spec import open_dataset  # noqa: E402
 from segment_deeplab.data.folder import SegmentationFolder  # noqa: E402
 from segment_deeplab.engine.evaluate import evaluate  # noqa: E402
-from segment_deeplab.engine.inference import _autocast, prepare_model  # noqa: E402
+from segment_deeplab.engine.inference import (  # noqa: E402
+    _autocast,
+    cpu_streams,
+    in_streams,
+    prepare_model,
+)
 from segment_deeplab.models import build_model  # noqa: E402
 
 
@@ -55,39 +66,47 @@ def main(argv: list[str] | None = None) -> int:
     x = val.load(0)[0].float().unsqueeze(0) / 255  # (1, 3, 360, 480)
     x = x.contiguous(memory_format=torch.channels_last)
 
-    def forward(net: torch.nn.Module) -> float:
+    def forward(net: torch.nn.Module, streams: int = 1) -> float:
         """img/s of `net(x)` as `evaluate` runs the model: channels_last, and bf16
         autocast where the hardware gains from it (`inference._autocast`)."""
-        start = time.perf_counter()
-        with torch.inference_mode(), _autocast(net, x.device, "auto"):
-            for _ in range(len(subset)):
+
+        def one(_: int) -> None:
+            with torch.inference_mode(), _autocast(net, x.device, "auto"):
                 net(x)
+
+        start = time.perf_counter()
+        for _ in in_streams(one, range(len(subset)), streams):
+            pass
         return len(subset) / (time.perf_counter() - start)
 
-    forward(model), forward(eager)  # warm-up
-    raw, raw_eager, full = [], [], []
+    streams = cpu_streams(x.device)
+    forward(model), forward(eager), forward(model, streams)  # warm-up
+    runs: dict[str, list[float]] = {"plain": [], "as_saved": [], "streams": [], "evaluate": []}
     for _ in range(args.rounds):
-        raw.append(forward(model))
-        raw_eager.append(forward(eager))
+        runs["plain"].append(forward(model))
+        runs["as_saved"].append(forward(eager))
+        runs["streams"].append(forward(model, streams))
         start = time.perf_counter()
         evaluate(model, subset, spec.num_classes, spec.ignore_index, progress=False)
-        full.append(len(subset) / (time.perf_counter() - start))
-    ratio = statistics.median(f / r for f, r in zip(full, raw, strict=True))
-    ratio_eager = statistics.median(f / r for f, r in zip(full, raw_eager, strict=True))
+        runs["evaluate"].append(len(subset) / (time.perf_counter() - start))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ratio = {
+        k: statistics.median(e / r for e, r in zip(runs["evaluate"], runs[k], strict=True))
+        for k in ("plain", "as_saved", "streams")
+    }
     size = "x".join(map(str, x.shape[-1:-3:-1]))
     text = (
-        f"{machine()}\n\n"
-        "| model | image size | raw forward img/s (folded / as saved) | evaluate() img/s "
-        "| evaluate / forward (folded / as saved) |\n"
+        f"{machine()}, evaluate in {streams} stream(s)\n\n"
+        "| model | image size | raw forward img/s: plain / as saved / in streams "
+        "| evaluate() img/s | evaluate / forward: plain / as saved / in streams |\n"
         "|---|---|---:|---:|---:|\n"
-        f"| {Path(args.config).stem} | {size} | {statistics.median(raw):.2f} / "
-        f"{statistics.median(raw_eager):.2f} | {statistics.median(full):.2f} "
-        f"| {100 * ratio:.0f}% / {100 * ratio_eager:.0f}% |"
+        f"| {Path(args.config).stem} | {size} | {med['plain']:.2f} / {med['as_saved']:.2f} / "
+        f"{med['streams']:.2f} | {med['evaluate']:.2f} | {100 * ratio['plain']:.0f}% / "
+        f"{100 * ratio['as_saved']:.0f}% / {100 * ratio['streams']:.0f}% |"
     )
     print(text)
     if args.json:
-        numbers = {"raw": raw, "raw_eager": raw_eager, "evaluate": full, "ratio": ratio}
-        Path(args.json).write_text(json.dumps({**numbers, "ratio_eager": ratio_eager}))
+        Path(args.json).write_text(json.dumps({"runs": runs, "ratio": ratio, "streams": streams}))
     return 0
 
 

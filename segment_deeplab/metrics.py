@@ -37,34 +37,49 @@ class ConfusionMatrix:
         self.mat = None
 
     @torch.inference_mode()
+    def count(self, target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The (C, C) int64 matrix of integer label maps of the same shape, on any
+        device, without adding it: safe to call from several threads at once."""
+        if target.shape != pred.shape:
+            raise ValueError(f"target {tuple(target.shape)} and pred {tuple(pred.shape)} differ")
+        n = self.num_classes
+        # int32 arithmetic on a copy: half the memory traffic of int64, and it fits.
+        t = target.reshape(-1).to(torch.int32, copy=True)
+        p = pred.reshape(-1).to(t.device, torch.int32)
+        if not t.numel():
+            return torch.zeros((n, n), dtype=torch.int64, device=t.device)
+        # Pixels without ground truth (the ignore index, any value outside the classes)
+        # go to a spare row n, cut off below: cheaper than selecting the labelled ones.
+        if 0 <= self.ignore_index < n:
+            t.masked_fill_(t == self.ignore_index, n)
+        if int(t.min()) < 0:
+            t.masked_fill_(t < 0, n)
+        t.clamp_(max=n)
+        low, high = torch.aminmax(p)
+        if int(low) < 0 or int(high) >= n:
+            # Only predictions where there is ground truth must be classes; an
+            # out-of-range one would silently land in another row's cell.
+            low, high = torch.aminmax(p.masked_fill(t == n, 0))
+            if int(low) < 0 or int(high) >= n:
+                raise ValueError(f"predictions must lie in 0..{n - 1}")
+            p = p.clamp(0, n - 1)  # those left are in the spare row
+        index = t.mul_(n).add_(p)
+        return torch.bincount(index, minlength=n * n + n)[: n * n].reshape(n, n).long()
+
+    @torch.inference_mode()
+    def add(self, batch: torch.Tensor) -> None:
+        """Add a (C, C) matrix from `count`."""
+        if self.mat is None:
+            self.mat = torch.zeros_like(batch, dtype=torch.int64)
+        self.mat += batch.to(self.mat.device)
+
     def update(self, target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Add a batch: integer label maps of the same shape, on any device.
 
         Returns the batch's own (C, C) matrix (e.g. for a per-image mIoU).
         """
-        if target.shape != pred.shape:
-            raise ValueError(f"target {tuple(target.shape)} and pred {tuple(pred.shape)} differ")
-        n = self.num_classes
-        if self.mat is None:
-            self.mat = torch.zeros((n, n), dtype=torch.int64, device=target.device)
-        # int32 arithmetic: half the memory traffic of int64, and n * n + 1 always fits.
-        target = target.reshape(-1).to(self.mat.device, torch.int32)
-        pred = pred.reshape(-1).to(self.mat.device, torch.int32)
-        # Ignore pixels (and any value outside the classes) carry no ground truth: they
-        # count in one spare bin past the matrix, which is cheaper than selecting pixels.
-        unlabelled = (target < 0) | (target >= n)
-        if 0 <= self.ignore_index < n:
-            unlabelled |= target == self.ignore_index
-        if pred.numel():
-            low, high = torch.aminmax(pred)
-            if int(low) < 0 or int(high) >= n:  # only where there is ground truth
-                low, high = torch.aminmax(pred.masked_fill(unlabelled, 0))
-            if int(low) < 0 or int(high) >= n:
-                # An out-of-range prediction would silently land in another row's cell.
-                raise ValueError(f"predictions must lie in 0..{n - 1}")
-        index = (target * n + pred).masked_fill_(unlabelled, n * n)
-        batch = torch.bincount(index, minlength=n * n + 1)[: n * n].reshape(n, n).long()
-        self.mat += batch
+        batch = self.count(target, pred)
+        self.add(batch)
         return batch
 
     def reduce_from_all_processes(self) -> None:

@@ -164,6 +164,50 @@ def test_evaluate_reports_errors_from_reading_and_scoring() -> None:
         evaluate(ChannelModel(), bad, 2, 255, "cpu", progress=False)  # 3 channels, 2 classes
 
 
+def test_evaluate_in_two_streams_equals_one() -> None:
+    """A DeepLab model evaluated two batches at a time, each in its own thread with half
+    the threads, gives what one stream gives, image for image and in dataset order; an
+    unreadable file still stops it with its name, and the thread count comes back."""
+    from segment_deeplab.engine.inference import prepare_model
+    from segment_deeplab.models import build_model
+
+    cfg = Config()
+    cfg.model.model_variant, cfg.model.num_classes = "resnet_18", 3
+    cfg.model.aspp_channels = cfg.model.decoder_channels = 16
+    cfg.model.low_level_channels = 8
+    torch.manual_seed(0)
+    model = prepare_model(build_model(cfg.model), torch.device("cpu"))
+    rng = np.random.default_rng(5)
+    items = [
+        (_image(h, w, seed=i), torch.from_numpy(rng.integers(0, 3, (h, w))))
+        for i, (h, w) in enumerate([(40, 56)] * 5 + [(33, 47)] * 2)
+    ]
+    threads = _threads_of_a_new_thread()
+    one = evaluate(model, items, 3, 255, progress=False, streams=1, batch_size=2)
+    two = evaluate(model, items, 3, 255, progress=False, streams=2, batch_size=2)
+    assert _threads_of_a_new_thread() == threads
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["per_image"] == one["per_image"]
+    assert [r["stem"] for r in two["per_image"]] == [str(i) for i in range(7)]
+    assert sum(map(sum, one["confusion_matrix"])) == sum(
+        h * w for _, m in items for h, w in [m.shape]
+    )
+    with pytest.raises(OSError, match="images/0002.jpg"):
+        evaluate(ChannelModel(), BrokenItems(), 3, 255, progress=False, streams=2)
+    assert _threads_of_a_new_thread() == threads
+
+
+def _threads_of_a_new_thread() -> int:
+    """Intra-op threads a thread started now gets (the process-wide setting)."""
+    import threading
+
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return got[0]
+
+
 def test_class_mismatch_names_both() -> None:
     check_classes([{"name": "background"}, {"name": "red"}], ["background", "red"])
     with pytest.raises(ckpt_mod.CheckpointError, match=r"2 classes.*3 classes"):

@@ -117,3 +117,31 @@ def test_image_miou_and_background() -> None:
     assert background_index(["Background", "x"]) == 0
     assert background_index(["sky", "road"]) is None
     assert background_index(["sky", "road"], flag=1) == 1
+
+
+@pytest.mark.parametrize(
+    ("ignore", "dtype"),
+    [(255, torch.uint8), (255, torch.int64), (0, torch.int64), (-1, torch.int32)],
+)
+def test_count_matches_direct_counting_on_odd_labels(ignore: int, dtype: torch.dtype) -> None:
+    """Ignore pixels, labels outside the classes (negative or large) and stray
+    predictions on such pixels count nowhere; the inputs are left as they were."""
+    rng = np.random.default_rng(3)
+    n = 5
+    target = rng.integers(0, n, size=(31, 29))
+    pred = rng.integers(0, n, size=(31, 29))
+    odd = rng.random(target.shape)
+    target[odd < 0.1] = ignore
+    target[(odd >= 0.1) & (odd < 0.15)] = 7  # not a class
+    if dtype != torch.uint8:
+        target[(odd >= 0.15) & (odd < 0.2)] = -3
+    pred[odd < 0.05] = n + 2  # out of range, but only where there is no ground truth
+    t, p = torch.from_numpy(target).to(dtype), torch.from_numpy(pred)
+    t_before, p_before = t.clone(), p.clone()
+    got = ConfusionMatrix(n, ignore).count(t, p).numpy()
+    want = np.zeros((n, n), np.int64)
+    for a, b in zip(target.ravel(), pred.ravel(), strict=True):
+        if 0 <= a < n and a != ignore:
+            want[a, b] += 1
+    assert (got == want).all()
+    assert torch.equal(t, t_before) and torch.equal(p, p_before)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab.checkpoint import CheckpointError
-from segment_deeplab.engine.inference import labels, predict_scores, prepare_model
+from segment_deeplab.engine.inference import (
+    cpu_streams,
+    in_streams,
+    labels,
+    predict_scores,
+    prepare_model,
+)
 from segment_deeplab.metrics import ConfusionMatrix, matrix_miou
 from segment_deeplab.palette import load_font
 
@@ -56,13 +62,13 @@ def _origin(dataset: Dataset, i: int) -> tuple[int, str]:
 
 
 def _batches(
-    loader: DataLoader, batch_size: int
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Consecutive items of equal size grouped into batches of at most `batch_size`:
-    (images (B, 3, H, W), masks)."""
+    """Consecutive (image, mask) pairs of equal size grouped into batches of at most
+    `batch_size`: (images (B, 3, H, W), masks)."""
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
-    for image, mask in loader:
+    for image, mask in pairs:
         image, mask = torch.as_tensor(image), torch.as_tensor(mask)
         if images and (image.shape != images[0].shape or len(images) == batch_size):
             yield torch.stack(images), masks
@@ -71,6 +77,18 @@ def _batches(
         masks.append(mask)
     if images:
         yield torch.stack(images), masks
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _gather(items: list[Any]) -> list[Any]:
@@ -97,6 +115,7 @@ def evaluate(
     batch_size: int = 1,
     workers: int = 0,
     amp: str = "auto",
+    streams: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` on `dataset` (this process's shard) at full resolution.
 
@@ -106,6 +125,9 @@ def evaluate(
         scales, flip, window, amp: test-time options and precision of `predict_probs`.
         class_names, background: for the result's names and foreground mIoU.
         batch_size: images of the same size predicted together.
+        workers: DataLoader worker processes reading the dataset (one stream only).
+        streams: batches read, predicted and scored at once, each in its own thread
+            (`inference.in_streams`); None: `inference.cpu_streams(device)`.
 
     Returns:
         `metrics_from_matrix` keys, plus "confusion_matrix" (C x C list, rows ground
@@ -117,21 +139,38 @@ def evaluate(
     if next(model.parameters()).device != device:
         model.to(device)
     cm = ConfusionMatrix(num_classes, ignore_index)
+    batch_size = max(1, batch_size)
+    if streams is None:
+        streams = cpu_streams(device) if workers == 0 else 1
+
+    def score(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """The confusion matrix of each image of some pairs, in order."""
+        out = []
+        with torch.inference_mode():
+            for images, masks in _batches(pairs, batch_size):
+                scores = predict_scores(model, images, scales, flip, window, amp=amp)
+                for pred, mask in zip(labels(scores), masks, strict=True):
+                    out.append(cm.count(mask.to(device, non_blocking=True), pred))
+        return out
+
+    if streams > 1:  # each stream reads its own images: decoding runs in parallel too
+        chunks = (
+            range(k, min(k + batch_size, len(dataset))) for k in range(0, len(dataset), batch_size)
+        )
+        matrices = in_streams(lambda c: score(dataset[i] for i in c), chunks, streams)
+    else:
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+        matrices = map(score, _chunks(loader, batch_size))
     per_image: list[dict[str, Any]] = []
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     bar = tqdm(total=len(dataset), desc="eval", file=sys.stderr, disable=not (progress and main))
-    index = 0
     try:
-        for images, masks in _batches(loader, batch_size):
-            scores = predict_scores(model, images, scales, flip, window, amp=amp)
-            for pred, mask in zip(labels(scores), masks, strict=True):
-                mask = mask.to(device, non_blocking=True)
-                miou = matrix_miou(cm.update(mask, pred))  # one bincount for both
-                order, stem = _origin(dataset, index)
-                per_image.append({"index": order, "stem": stem, "miou": miou})
-                index += 1
-            bar.update(len(masks))
+        for batch in matrices:
+            for mat in batch:
+                cm.add(mat)
+                order, stem = _origin(dataset, len(per_image))
+                per_image.append({"index": order, "stem": stem, "miou": matrix_miou(mat)})
+            bar.update(len(batch))
     finally:
         bar.close()
         model.train(was_training)

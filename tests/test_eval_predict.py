@@ -166,8 +166,9 @@ def test_evaluate_reports_errors_from_reading_and_scoring() -> None:
 
 def test_evaluate_in_two_streams_equals_one() -> None:
     """A DeepLab model evaluated two batches at a time, each in its own thread with half
-    the threads, gives what one stream gives, image for image and in dataset order; an
-    unreadable file still stops it with its name, and the thread count comes back."""
+    the threads, gives what one stream gives (to float rounding), image for image and in
+    dataset order; an unreadable file still stops it with its name, and the thread count
+    comes back."""
     from segment_deeplab.engine.inference import prepare_model
     from segment_deeplab.models import build_model
 
@@ -186,12 +187,14 @@ def test_evaluate_in_two_streams_equals_one() -> None:
     one = evaluate(model, items, 3, 255, progress=False, streams=1, batch_size=2)
     two = evaluate(model, items, 3, 255, progress=False, streams=2, batch_size=2)
     assert _threads_of_a_new_thread() == threads
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert two["per_image"] == one["per_image"]
+    # Half the threads per stream may round logits apart in the last bit: a near-tie
+    # could flip a pixel, never more than a few.
+    a, b = np.array(one["confusion_matrix"]), np.array(two["confusion_matrix"])
+    assert a.sum() == b.sum() == sum(m.numel() for _, m in items)
+    assert np.abs(a - b).sum() <= 2 * 0.001 * a.sum()
     assert [r["stem"] for r in two["per_image"]] == [str(i) for i in range(7)]
-    assert sum(map(sum, one["confusion_matrix"])) == sum(
-        h * w for _, m in items for h, w in [m.shape]
-    )
+    for r1, r2 in zip(one["per_image"], two["per_image"], strict=True):
+        assert r2["miou"] == pytest.approx(r1["miou"], abs=0.01)
     with pytest.raises(OSError, match="images/0002.jpg"):
         evaluate(ChannelModel(), BrokenItems(), 3, 255, progress=False, streams=2)
     assert _threads_of_a_new_thread() == threads
@@ -243,6 +246,48 @@ def test_predict_writes_palette_masks_at_input_size(tmp_path) -> None:
         assert over.mode == "RGB" and over.width > w and over.height >= h
         probs = np.load(out / f"{p.stem}_probs.npy")
         assert probs.dtype == np.float16 and probs.shape == (3, h, w)
+
+
+def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
+    """Two batches at a time give the probabilities one gives (to float rounding: each
+    stream has half the threads), for every image; an unreadable file among them is
+    reported and the others still come out."""
+    from segment_deeplab.engine.predict import predict_groups
+
+    paths = _write_images(tmp_path / "in", [(20, 30), (17, 11), (20, 30), (20, 30), (9, 9)])
+    paths[3].write_bytes(paths[3].read_bytes()[:60])  # truncated: header fine, pixels not
+    runs = {}
+    for streams in (1, 2):
+        bad: list[int] = []
+        model = PixelModel().eval()
+        got = predict_groups(
+            model, paths, 2, on_error=lambda i, e, b=bad: b.append(i), streams=streams
+        )
+        runs[streams] = ({i: p for i, _, p in got}, bad)
+    (one, bad_one), (two, bad_two) = runs[1], runs[2]
+    assert sorted(one) == sorted(two) == [0, 1, 2, 4] and bad_one == bad_two == [3]
+    for i in one:
+        torch.testing.assert_close(two[i], one[i])  # thread counts may round apart
+
+
+def test_onnx_exports_predict_in_one_stream() -> None:
+    """onnxruntime runs on threads of its own: no second stream beside it; a torch model
+    on a CPU with two threads or more gets two."""
+    from segment_deeplab.engine.exported import ExportedModel
+    from segment_deeplab.engine.inference import cpu_streams
+
+    meta = {
+        "input": {"dtype": "float32"},
+        "output": {"name": "logits"},
+        "classes": CLASSES,
+        "mean": [0.5, 0.5, 0.5],
+    }
+    onnx_like = ExportedModel(lambda x: x, meta)
+    assert cpu_streams("cpu", onnx_like) == 1
+    assert cpu_streams("cpu", ExportedModel(torch.nn.Identity(), meta)) == cpu_streams("cpu")
+    assert cpu_streams("cuda", PixelModel()) == 1
+    if torch.get_num_threads() >= 2 and torch.backends.openmp.is_available():
+        assert cpu_streams("cpu", PixelModel()) == 2
 
 
 def test_predict_applies_exif_orientation(tmp_path) -> None:

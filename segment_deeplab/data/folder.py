@@ -32,6 +32,13 @@ from segment_deeplab.config import DataConfig
 from segment_deeplab.data.dataset_spec import IMAGE_EXTS, DatasetError, DatasetSpec
 from segment_deeplab.data.transforms import MEAN_RGB, build_transforms
 
+# Every call of torchvision's decoders warns that they are deprecated; they still work.
+# One filter for that message (`warnings.catch_warnings` per call is not thread-safe,
+# and images are decoded in several threads).
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
+)
+
 FIX_HINT = "run `deeplab validate` on the dataset to list every problem"
 
 
@@ -56,12 +63,9 @@ def read_image(path: Path, hint: str = FIX_HINT) -> torch.Tensor:
     """
     if decode_image is not None:
         try:
-            with warnings.catch_warnings():
-                # Every call warns that the decoders are deprecated; they still work.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                img = decode_image(
-                    read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True
-                )
+            img = decode_image(
+                read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True
+            )
             if img.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
                 img = (img >> 8).to(torch.uint8)
             return img

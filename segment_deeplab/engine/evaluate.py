@@ -127,7 +127,7 @@ def evaluate(
         batch_size: images of the same size predicted together.
         workers: DataLoader worker processes reading the dataset (one stream only).
         streams: batches read, predicted and scored at once, each in its own thread
-            (`inference.in_streams`); None: `inference.cpu_streams(device)`.
+            (`inference.in_streams`); None: `inference.cpu_streams`.
 
     Returns:
         `metrics_from_matrix` keys, plus "confusion_matrix" (C x C list, rows ground
@@ -141,7 +141,7 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, ignore_index)
     batch_size = max(1, batch_size)
     if streams is None:
-        streams = cpu_streams(device) if workers == 0 else 1
+        streams = cpu_streams(device, model) if workers == 0 else 1
 
     def score(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """The confusion matrix of each image of some pairs, in order."""

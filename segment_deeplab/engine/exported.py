@@ -133,6 +133,8 @@ class ExportedModel(nn.Module):
     def __init__(self, run: Callable[[torch.Tensor], Any], meta: dict[str, Any]) -> None:
         super().__init__()
         self.run = run  # a TorchScript module registers as a submodule: device follows it
+        # onnxruntime runs on threads of its own, which `inference.in_streams` cannot share.
+        self.own_threads = not isinstance(run, nn.Module)
         self.uint8_input = meta["input"]["dtype"] == "uint8"
         self.labels_output = meta["output"]["name"] == "labels"
         self.num_classes = len(meta["classes"])

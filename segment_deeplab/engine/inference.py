@@ -29,16 +29,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def cpu_streams(device: torch.device | str) -> int:
+def cpu_streams(device: torch.device | str, model: nn.Module | None = None) -> int:
     """How many images to predict at once, each in its own thread, on `device`.
 
     On a CPU with at least two intra-op threads: two, each forward on half of the
     threads. One image per core beats one image spread over both cores by about 25% on a
     2-core CPU (no per-operation hand-off between threads), and decoding, the argmax and
     the metrics of one image overlap with the other's forward. Elsewhere (GPUs, a single
-    thread, a build without OpenMP, whose thread count is not per thread): one.
+    thread, a build without OpenMP, whose thread count is not per thread, a model that
+    runs on threads of its own such as an ONNX export): one.
     """
     if torch.device(device).type != "cpu" or not torch.backends.openmp.is_available():
+        return 1
+    if getattr(model, "own_threads", False):
         return 1
     return 2 if torch.get_num_threads() >= 2 else 1
 

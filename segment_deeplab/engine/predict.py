@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import glob
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,14 @@ from tqdm import tqdm
 
 from segment_deeplab.data.dataset_spec import IMAGE_EXTS, ClassInfo
 from segment_deeplab.data.folder import read_image
-from segment_deeplab.engine.inference import labels, predict_probs, prepare_model
+from segment_deeplab.engine.inference import (
+    _model_device,
+    cpu_streams,
+    in_streams,
+    labels,
+    predict_probs,
+    prepare_model,
+)
 from segment_deeplab.palette import colorize, overlay
 
 # EXIF orientations that turn the picture by 90 degrees (width and height swap).
@@ -130,7 +139,9 @@ def predict_groups(
     window: int | None = None,
     on_error: Callable[[int, Exception], None] | None = None,
     amp: str = "auto",
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    streams: int | None = None,
+    then: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,
+) -> Iterator[Any]:
     """Probabilities of images, those of the same size predicted together.
 
     Args:
@@ -141,10 +152,15 @@ def predict_groups(
         scales, flip, window, amp: TTA and precision, see `predict_probs`.
         on_error: called with (index, exception) for a source that cannot be read,
             which is then skipped; None: the exception propagates.
+        streams: batches decoded and predicted at once, each in its own thread
+            (`inference.in_streams`); None: `inference.cpu_streams`.
+        then: called in the stream with (index, image, probabilities) of each image
+            (e.g. to write files while the other stream predicts); what it returns is
+            yielded instead of the tuple.
 
     Yields:
-        (index into `sources`, image uint8 (3, H, W), probabilities (C, H, W)), grouped
-        by size rather than in input order.
+        (index into `sources`, image uint8 (3, H, W), probabilities (C, H, W)), or what
+        `then` makes of them, grouped by size rather than in input order.
     """
 
     def failed(i: int, e: Exception) -> None:
@@ -152,13 +168,7 @@ def predict_groups(
             raise e
         on_error(i, e)
 
-    sized: list[tuple[int, tuple[int, int]]] = []
-    for i, src in enumerate(sources):
-        try:
-            sized.append((i, tuple(src.shape[-2:]) if torch.is_tensor(src) else image_size(src)))
-        except Exception as e:  # unreadable header: not an image, truncated, no access
-            failed(i, e)
-    for group in _groups(sized, max(1, batch_size)):
+    def run(group: list[int]) -> list[Any]:
         loaded: list[tuple[int, torch.Tensor]] = []
         for i in group:
             src = sources[i]
@@ -166,13 +176,26 @@ def predict_groups(
                 loaded.append((i, src if torch.is_tensor(src) else load_image(src)))
             except Exception as e:  # corrupt pixel data behind a valid header
                 failed(i, e)
+        out = []
         # Decoded sizes match the headers; a mismatch still must not break the batch.
         for shape in dict.fromkeys(t.shape for _, t in loaded):
             batch = [(i, t) for i, t in loaded if t.shape == shape]
             images = torch.stack([t for _, t in batch])
             probs = predict_probs(model, images, scales, flip, window, amp=amp)
             for (i, image), p in zip(batch, probs, strict=True):
-                yield i, image, p
+                out.append((i, image, p) if then is None else then(i, image, p))
+        return out
+
+    sized: list[tuple[int, tuple[int, int]]] = []
+    for i, src in enumerate(sources):
+        try:
+            sized.append((i, tuple(src.shape[-2:]) if torch.is_tensor(src) else image_size(src)))
+        except Exception as e:  # unreadable header: not an image, truncated, no access
+            failed(i, e)
+    if streams is None:
+        streams = cpu_streams(_model_device(model), model)
+    for done in in_streams(run, _groups(sized, max(1, batch_size)), streams):
+        yield from done
 
 
 def _write(
@@ -224,19 +247,28 @@ def predict(
     stems = output_stems(paths)
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
 
+    lock = threading.Lock()  # `skip` runs in the streams, the loop below in this thread
+
     def skip(i: int, e: Exception) -> None:
-        result.failed.append((paths[i].name, _reason(e)))
-        bar.update(1)
+        with lock:
+            result.failed.append((paths[i].name, _reason(e)))
+            bar.update(1)
+
+    def write(i: int, image: torch.Tensor, p: torch.Tensor) -> tuple[int, Path | str]:
+        """In the stream that predicted it: the mask path, or why it could not be written."""
+        try:
+            return i, _write(out, stems[i], image, p, classes, ignore_index, save_probs)
+        except OSError as e:  # disk full, permissions: report, keep going
+            return i, _reason(e)
 
     options = {"scales": scales, "flip": flip, "window": window, "on_error": skip, "amp": amp}
-    for i, image, p in predict_groups(model, paths, batch_size, **options):
-        try:
-            result.written.append(
-                _write(out, stems[i], image, p, classes, ignore_index, save_probs)
-            )
-        except OSError as e:  # disk full, permissions: report, keep going
-            result.failed.append((paths[i].name, _reason(e)))
-        bar.update(1)
+    for i, written in predict_groups(model, paths, batch_size, **options, then=write):
+        with lock:
+            if isinstance(written, Path):
+                result.written.append(written)
+            else:
+                result.failed.append((paths[i].name, written))
+            bar.update(1)
     bar.close()
     return result
 

@@ -1,4 +1,5 @@
-"""Evaluation speed: `evaluate()` images/s against the raw forward images/s of the model.
+"""Evaluation speed: `evaluate()` images/s against the raw forward images/s of the model;
+and `predict()` (masks and overlays written) in one stream and in two.
 
     python bench/eval_speed.py --data CAMVID_PREPARED/dataset.yaml [--config configs/X.yaml]
 
@@ -14,7 +15,8 @@ CamVid), under `torch.inference_mode`, channels_last and the same autocast as
 - as saved: the same for the model as trained and saved (batch norm separate);
 - in streams: the folded model run the way `evaluate` runs it, two images at once.
 
-They alternate in rounds.
+They alternate in rounds. `predict()` runs on the same val images, writing each mask PNG
+and overlay JPEG to a temporary folder, once in one stream and once as shipped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from segment_deeplab.engine.inference import (  # noqa: E402
     in_streams,
     prepare_model,
 )
+from segment_deeplab.engine.predict import predict  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
 
 
@@ -81,7 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
     streams = cpu_streams(x.device)
     forward(model), forward(eager), forward(model, streams)  # warm-up
+    images = [val.paths(i)[0] for i in subset.indices]
+    out = Path(tempfile.mkdtemp(prefix="predict_speed_"))
+
+    def predicting(n: int | None) -> float:
+        start = time.perf_counter()
+        done = predict(model, images, out, spec.classes, progress=False, streams=n)
+        assert len(done.written) == len(images), done.summary()
+        return len(images) / (time.perf_counter() - start)
+
+    predicting(None)  # warm-up
     runs: dict[str, list[float]] = {"plain": [], "as_saved": [], "streams": [], "evaluate": []}
+    runs.update(predict_1=[], predict=[])
     for _ in range(args.rounds):
         runs["plain"].append(forward(model))
         runs["as_saved"].append(forward(eager))
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         evaluate(model, subset, spec.num_classes, spec.ignore_index, progress=False)
         runs["evaluate"].append(len(subset) / (time.perf_counter() - start))
+        runs["predict_1"].append(predicting(1))
+        runs["predict"].append(predicting(None))
     med = {k: statistics.median(v) for k, v in runs.items()}
     ratio = {
         k: statistics.median(e / r for e, r in zip(runs["evaluate"], runs[k], strict=True))
@@ -103,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| {Path(args.config).stem} | {size} | {med['plain']:.2f} / {med['as_saved']:.2f} / "
         f"{med['streams']:.2f} | {med['evaluate']:.2f} | {100 * ratio['plain']:.0f}% / "
         f"{100 * ratio['as_saved']:.0f}% / {100 * ratio['streams']:.0f}% |"
+    )
+    gain = statistics.median(a / b for a, b in zip(runs["predict"], runs["predict_1"], strict=True))
+    text += (
+        "\n\n| `predict()`, mask PNG and overlay JPEG written | img/s |\n|---|---:|\n"
+        f"| one stream | {med['predict_1']:.2f} |\n"
+        f"| as shipped ({streams} stream(s)) | {med['predict']:.2f} ({gain:.2f}x) |"
     )
     print(text)
     if args.json:

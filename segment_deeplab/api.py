@@ -71,6 +71,10 @@ class Segmenter:
         classes: the class list (id, name, colour); ids are 0..C-1.
         ignore_index: the mask value that marks unlabelled pixels.
         scales, flip, window: TTA, as `deeplab predict --scales/--flip/--window`.
+
+    `Segmenter(model, ...)` prepares `model` for inference in place (eval mode, batch
+    norm folded into the convolutions, `inference.prepare_model`): pass a copy of a
+    model you mean to train further.
     """
 
     def __init__(

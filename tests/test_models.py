@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from segment_deeplab.checkpoint import FORMAT
 from segment_deeplab.config import ModelConfig
-from segment_deeplab.engine.inference import fold_batch_norm
+from segment_deeplab.engine.inference import fold_batch_norm, prepare_model
 from segment_deeplab.models import ModelError, build_model, deeplab, load_init_checkpoint
 from segment_deeplab.models.deeplab import default_atrous_rates
 
@@ -110,6 +110,12 @@ class ModelCase:
 
         assert norms(folded) < norms(model) / 4  # fused: nearly all convs absorb theirs
         assert norms(model) > 0 and fold_batch_norm(model.train()) is model
+        # prepare_model folds the model itself: no second copy of the weights.
+        before = norms(model)
+        prepared = prepare_model(model, torch.device("cpu"))
+        assert prepared is model and norms(model) < before / 4
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), folded(x), rtol=1e-4, atol=1e-4)
 
     def test_channels_last(self) -> None:
         model = self.build().eval()

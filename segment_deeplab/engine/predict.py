@@ -231,6 +231,7 @@ def predict(
     save_probs: bool = False,
     progress: bool = True,
     amp: str = "auto",
+    streams: int | None = None,
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
@@ -239,6 +240,7 @@ def predict(
         inputs: files, folders and glob patterns.
         classes: the checkpoint's classes (colours, names for the legend).
         batch_size: images of the same size are predicted together.
+        streams: batches predicted and written at once (see `predict_groups`).
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +264,7 @@ def predict(
             return i, _reason(e)
 
     options = {"scales": scales, "flip": flip, "window": window, "on_error": skip, "amp": amp}
+    options["streams"] = streams
     for i, written in predict_groups(model, paths, batch_size, **options, then=write):
         with lock:
             if isinstance(written, Path):

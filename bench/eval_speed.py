@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     streams = cpu_streams(x.device)
     forward(model), forward(eager), forward(model, streams)  # warm-up
     images = [val.paths(i)[0] for i in subset.indices]
-    out = Path(tempfile.mkdtemp(prefix="predict_speed_"))
+    tmp = tempfile.TemporaryDirectory(prefix="predict_speed_")
+    out = Path(tmp.name)
 
     def predicting(n: int | None) -> float:
         start = time.perf_counter()
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{med['streams']:.2f} | {med['evaluate']:.2f} | {100 * ratio['plain']:.0f}% / "
         f"{100 * ratio['as_saved']:.0f}% / {100 * ratio['streams']:.0f}% |"
     )
+    tmp.cleanup()
     gain = statistics.median(a / b for a, b in zip(runs["predict"], runs["predict_1"], strict=True))
     text += (
         "\n\n| `predict()`, mask PNG and overlay JPEG written | img/s |\n|---|---:|\n"

@@ -22,6 +22,7 @@ and overlay JPEG to a temporary folder, once in one stream and once as shipped.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     built = build_model(cfg.model)
     # `evaluate`'s model, as `deeplab eval` prepares it (batch norm folded), and the model
     # as trained and saved (eager, batch norm separate), both channels_last.
+    # (prepare_model folds in place: the eager model is a copy taken before.)
+    eager = prepare_model(copy.deepcopy(built), torch.device("cpu"), fold_bn=False)
     model = prepare_model(built, torch.device("cpu"))
-    eager = prepare_model(built, torch.device("cpu"), fold_bn=False)
     val = SegmentationFolder(spec, "val")
     subset = torch.utils.data.Subset(val, range(min(args.images, len(val))))
     x = val.load(0)[0].float().unsqueeze(0) / 255  # (1, 3, 360, 480)

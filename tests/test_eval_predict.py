@@ -200,6 +200,26 @@ def test_evaluate_in_two_streams_equals_one() -> None:
     assert _threads_of_a_new_thread() == threads
 
 
+def test_in_streams_keeps_order_and_runs_a_single_item_on_all_threads() -> None:
+    """Results come in input order from two threads; a lone item (one image to predict)
+    runs in the caller's thread with every intra-op thread, not on half of them."""
+    import threading
+    import time
+
+    from segment_deeplab.engine.inference import in_streams
+
+    def work(i: int) -> tuple[int, int, int]:
+        time.sleep(0.02 * (i % 2))  # odd items finish later than the even ones
+        return i, threading.get_ident(), torch.get_num_threads()
+
+    got = list(in_streams(work, range(6), 2))
+    assert [i for i, _, _ in got] == list(range(6))
+    assert threading.get_ident() not in {t for _, t, _ in got}
+    assert {n for _, _, n in got} == {max(1, torch.get_num_threads() // 2)}
+    (lone,) = in_streams(work, [0], 2)
+    assert lone[1:] == (threading.get_ident(), torch.get_num_threads())
+
+
 def _threads_of_a_new_thread() -> int:
     """Intra-op threads a thread started now gets (the process-wide setting)."""
     import threading

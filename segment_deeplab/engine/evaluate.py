@@ -154,9 +154,8 @@ def evaluate(
         return out
 
     if streams > 1:  # each stream reads its own images: decoding runs in parallel too
-        chunks = (
-            range(k, min(k + batch_size, len(dataset))) for k in range(0, len(dataset), batch_size)
-        )
+        n = len(dataset)
+        chunks = [range(k, min(k + batch_size, n)) for k in range(0, n, batch_size)]
         matrices = in_streams(lambda c: score(dataset[i] for i in c), chunks, streams)
     else:
         loader = DataLoader(dataset, batch_size=None, num_workers=workers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -46,15 +46,16 @@ def cpu_streams(device: torch.device | str, model: nn.Module | None = None) -> i
     return 2 if torch.get_num_threads() >= 2 else 1
 
 
-def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Iterator[R]:
+def in_streams(fn: Callable[[T], R], items: Sequence[T], streams: int) -> Iterator[R]:
     """`fn` over `items` in `streams` threads sharing the intra-op threads; results in
     order. An exception from `fn` is raised here, and no further item starts.
 
     Each stream gets `torch.get_num_threads() // streams` intra-op threads (OpenMP's
     count is per thread); the process-wide setting is restored afterwards. Grad mode,
-    inference mode and autocast are per thread too: `fn` sets what it needs.
+    inference mode and autocast are per thread too: `fn` sets what it needs. A single
+    item runs here, on all the threads.
     """
-    if streams <= 1:
+    if streams <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
     before = torch.get_num_threads()

@@ -194,7 +194,7 @@ def predict_groups(
             failed(i, e)
     if streams is None:
         streams = cpu_streams(_model_device(model), model)
-    for done in in_streams(run, _groups(sized, max(1, batch_size)), streams):
+    for done in in_streams(run, list(_groups(sized, max(1, batch_size))), streams):
         yield from done
 
 

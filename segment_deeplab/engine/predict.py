@@ -263,9 +263,10 @@ def predict(
         except OSError as e:  # disk full, permissions: report, keep going
             return i, _reason(e)
 
-    options = {"scales": scales, "flip": flip, "window": window, "on_error": skip, "amp": amp}
-    options["streams"] = streams
-    for i, written in predict_groups(model, paths, batch_size, **options, then=write):
+    options = {"scales": scales, "flip": flip, "window": window, "amp": amp, "streams": streams}
+    for i, written in predict_groups(
+        model, paths, batch_size, **options, on_error=skip, then=write
+    ):
         with lock:
             if isinstance(written, Path):
                 result.written.append(written)

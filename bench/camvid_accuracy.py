@@ -31,7 +31,7 @@ DEFAULT_CONFIG = "configs/deeplabv3plus_resnet18_camvid_256.yaml"
 
 
 def _parse_budget(text: str) -> float:
-    from segment_deeplab.engine.schedule import parse_duration
+    from segment_deeplab.train.schedule import parse_duration
 
     return float(parse_duration(text))
 
@@ -39,8 +39,8 @@ def _parse_budget(text: str) -> float:
 def run_project(args: argparse.Namespace) -> dict:
     """`deeplab train` with the config, the budget and overrides; val only at the end."""
     from segment_deeplab.config import load_config
-    from segment_deeplab.data.dataset_spec import open_dataset
-    from segment_deeplab.engine.train import fit
+    from segment_deeplab.data.spec import open_dataset
+    from segment_deeplab.train.loop import fit
 
     overrides = [
         f"train.time={args.budget}",
@@ -81,9 +81,9 @@ def run_peer(args: argparse.Namespace) -> dict:
         peer_train_transforms,
     )
 
-    from segment_deeplab.data.dataset_spec import open_dataset
-    from segment_deeplab.data.folder import SegmentationFolder
-    from segment_deeplab.engine.evaluate import evaluate
+    from segment_deeplab.data.spec import open_dataset
+    from segment_deeplab.data.dataset import SegmentationFolder
+    from segment_deeplab.infer.evaluate import evaluate
 
     spec = open_dataset(args.data)
     torch.manual_seed(args.seed)

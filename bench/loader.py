@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_info, machine  # noqa: E402
 
 from segment_deeplab.config import load_config  # noqa: E402
-from segment_deeplab.data.dataset_spec import open_dataset  # noqa: E402
-from segment_deeplab.data.folder import build_loader  # noqa: E402
-from segment_deeplab.engine import schedule  # noqa: E402
-from segment_deeplab.engine.runstate import build_optimizer  # noqa: E402
-from segment_deeplab.engine.train import _train_step  # noqa: E402
+from segment_deeplab.data.spec import open_dataset  # noqa: E402
+from segment_deeplab.data.dataset import build_loader  # noqa: E402
+from segment_deeplab.train import schedule  # noqa: E402
+from segment_deeplab.train.setup import build_optimizer  # noqa: E402
+from segment_deeplab.train.loop import _train_step  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
 

@@ -33,12 +33,12 @@ CASES = [("project", "train"), ("project", "predict"), ("peer", "train"), ("peer
 def child(who: str, what: str, config: str, steps: int) -> None:
     """Run the workload; print peak RSS in MiB."""
     from segment_deeplab.config import load_config
-    from segment_deeplab.engine.inference import predict_probs, prepare_model
-    from segment_deeplab.engine.predict import predict_groups
+    from segment_deeplab.infer.tta import predict_probs, prepare_model
+    from segment_deeplab.infer.predict import predict_groups
 
     if who == "project":
-        from segment_deeplab.engine.runstate import build_optimizer
-        from segment_deeplab.engine.train import _train_step
+        from segment_deeplab.train.setup import build_optimizer
+        from segment_deeplab.train.loop import _train_step
         from segment_deeplab.losses import build_loss
         from segment_deeplab.models import build_model
 

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from segment_deeplab.data.dataset_spec import ClassInfo
-from segment_deeplab.engine.distributed import pick_device
-from segment_deeplab.engine.exported import ExportError, load_for_inference, sniff_format
-from segment_deeplab.engine.inference import labels, prepare_model
-from segment_deeplab.engine.predict import load_image, predict_groups
-from segment_deeplab.palette import colorize, overlay
+from segment_deeplab.data.spec import ClassInfo
+from segment_deeplab.device import pick_device
+from segment_deeplab.export.parity import ExportError, load_for_inference, sniff_format
+from segment_deeplab.infer.tta import labels, prepare_model
+from segment_deeplab.infer.predict import load_image, predict_groups
+from segment_deeplab.classes import colorize, overlay
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 BATCH_SIZE = 4  # same-size images per forward pass in `predict_batch`

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from segment_deeplab.config import Config
-from segment_deeplab.data.dataset_spec import ClassInfo
+from segment_deeplab.data.spec import ClassInfo
 
 FORMAT = "segment-deeplab/1"
 

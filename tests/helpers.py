@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from segment_deeplab.cli import main
-from segment_deeplab.engine import train as train_mod
+from segment_deeplab.train import loop as train_mod
 
 # A DeepLabV3+ small enough to train a few steps in seconds on a CPU.
 TINY = [

@@ -16,7 +16,7 @@ from segment_deeplab.config import (
     load_config,
     save_config,
 )
-from segment_deeplab.engine import schedule
+from segment_deeplab.train import schedule
 from segment_deeplab.losses import (
     auto_class_weights,
     build_loss,

@@ -13,9 +13,9 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from segment_deeplab.config import DataConfig
-from segment_deeplab.data import folder
-from segment_deeplab.data.dataset_spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
-from segment_deeplab.data.folder import (
+from segment_deeplab.data import dataset as folder
+from segment_deeplab.data.spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
+from segment_deeplab.data.dataset import (
     SegmentationFolder,
     build_loader,
     pad_collate,

@@ -13,10 +13,10 @@ from torch import nn
 from segment_deeplab import checkpoint as ckpt_mod
 from segment_deeplab import cli
 from segment_deeplab.config import Config
-from segment_deeplab.data.dataset_spec import ClassInfo
-from segment_deeplab.engine.evaluate import check_classes, evaluate, write_outputs
-from segment_deeplab.engine.inference import _starts, predict_probs
-from segment_deeplab.engine.predict import predict
+from segment_deeplab.data.spec import ClassInfo
+from segment_deeplab.infer.evaluate import check_classes, evaluate, write_outputs
+from segment_deeplab.infer.tta import _starts, predict_probs
+from segment_deeplab.infer.predict import predict
 from segment_deeplab.metrics import metrics_from_matrix
 
 CLASSES = [
@@ -169,7 +169,7 @@ def test_evaluate_in_two_streams_equals_one() -> None:
     the threads, gives what one stream gives (to float rounding), image for image and in
     dataset order; an unreadable file still stops it with its name, and the thread count
     comes back."""
-    from segment_deeplab.engine.inference import prepare_model
+    from segment_deeplab.infer.tta import prepare_model
     from segment_deeplab.models import build_model
 
     cfg = Config()
@@ -206,7 +206,7 @@ def test_in_streams_keeps_order_and_runs_a_single_item_on_all_threads() -> None:
     import threading
     import time
 
-    from segment_deeplab.engine.inference import in_streams
+    from segment_deeplab.infer.tta import in_streams
 
     def work(i: int) -> tuple[int, int, int]:
         time.sleep(0.02 * (i % 2))  # odd items finish later than the even ones
@@ -272,7 +272,7 @@ def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
     """Two batches at a time give the probabilities one gives (to float rounding: each
     stream has half the threads), for every image; an unreadable file among them is
     reported and the others still come out."""
-    from segment_deeplab.engine.predict import predict_groups
+    from segment_deeplab.infer.predict import predict_groups
 
     paths = _write_images(tmp_path / "in", [(20, 30), (17, 11), (20, 30), (20, 30), (9, 9)])
     paths[3].write_bytes(paths[3].read_bytes()[:60])  # truncated: header fine, pixels not
@@ -293,8 +293,8 @@ def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
 def test_onnx_exports_predict_in_one_stream() -> None:
     """onnxruntime runs on threads of its own: no second stream beside it; a torch model
     on a CPU with two threads or more gets two."""
-    from segment_deeplab.engine.exported import ExportedModel
-    from segment_deeplab.engine.inference import cpu_streams
+    from segment_deeplab.export.parity import ExportedModel
+    from segment_deeplab.infer.tta import cpu_streams
 
     meta = {
         "input": {"dtype": "float32"},
@@ -366,7 +366,7 @@ def test_predict_cli_missing_input(tmp_path, capsys, fake_checkpoint) -> None:
 
 def _synthetic(tmp_path):
     synthetic = pytest.importorskip("segment_deeplab.data.synthetic")
-    pytest.importorskip("segment_deeplab.data.folder")
+    pytest.importorskip("segment_deeplab.data.dataset")
     return synthetic.generate(tmp_path / "data", num=8, seed=0, size=(32, 40), num_classes=3)
 
 

@@ -17,10 +17,10 @@ from segment_deeplab import Segmenter
 from segment_deeplab.checkpoint import FORMAT, atomic_save, load_model
 from segment_deeplab.cli import main
 from segment_deeplab.config import Config, ModelConfig
-from segment_deeplab.engine import export as export_mod
-from segment_deeplab.engine.export import DeployModel, export
-from segment_deeplab.engine.exported import ExportError, load_safetensors, read_metadata
-from segment_deeplab.engine.inference import predict_labels, prepare_model
+from segment_deeplab.export import write as export_mod
+from segment_deeplab.export.write import DeployModel, export
+from segment_deeplab.export.parity import ExportError, load_safetensors, read_metadata
+from segment_deeplab.infer.tta import predict_labels, prepare_model
 from segment_deeplab.models import build_model
 
 CLASSES = [

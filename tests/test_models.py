@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from segment_deeplab.checkpoint import FORMAT
 from segment_deeplab.config import ModelConfig
-from segment_deeplab.engine.inference import fold_batch_norm, prepare_model
+from segment_deeplab.infer.tta import fold_batch_norm, prepare_model
 from segment_deeplab.models import ModelError, build_model, deeplab, load_init_checkpoint
 from segment_deeplab.models.deeplab import default_atrous_rates
 

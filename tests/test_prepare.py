@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from segment_deeplab.cli import main
-from segment_deeplab.data.dataset_spec import DatasetError, open_dataset
+from segment_deeplab.data.spec import DatasetError, open_dataset
 from segment_deeplab.data.prepare import parse_remap, prepare_dataset, split_stems
 
 H, W = 8, 12

@@ -15,8 +15,8 @@ from PIL import Image
 
 from segment_deeplab.cli import main
 from segment_deeplab.config import load_config, save_config
-from segment_deeplab.data.dataset_spec import open_dataset
-from segment_deeplab.engine.train import fit
+from segment_deeplab.data.spec import open_dataset
+from segment_deeplab.train.loop import fit
 from segment_deeplab.report import build_report, write_report
 from segment_deeplab.report.svg import Series, class_bars, line_chart, nice_ticks
 

@@ -16,9 +16,9 @@ from helpers import TINY, stop_at
 
 from segment_deeplab.checkpoint import load_file, load_model
 from segment_deeplab.config import ConfigError, load_config
-from segment_deeplab.data.dataset_spec import open_dataset
-from segment_deeplab.engine import train as train_mod
-from segment_deeplab.engine.train import TrainingError, fit
+from segment_deeplab.data.spec import open_dataset
+from segment_deeplab.train import loop as train_mod
+from segment_deeplab.train.loop import TrainingError, fit
 from segment_deeplab.losses import auto_class_weights
 
 

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from segment_deeplab.cli import main
-from segment_deeplab.data.dataset_spec import resolve_dataset
+from segment_deeplab.data.spec import resolve_dataset
 from segment_deeplab.data.validate import format_report, validate_dataset
 
 H, W = 12, 16

@@ -34,7 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # Imported here so `deeplab --help` stays fast (no torch import).
     from segment_deeplab.checkpoint import CheckpointError
     from segment_deeplab.config import ConfigError
-    from segment_deeplab.data.dataset_spec import DatasetError
+    from segment_deeplab.data.spec import DatasetError
     from segment_deeplab.models import ModelError
 
     return (UserError, ConfigError, DatasetError, CheckpointError, ModelError)

@@ -47,7 +47,7 @@ def tta_args(p: argparse.ArgumentParser) -> None:
 
 def check_tta(args) -> None:
     """Reject a bad device or inference option before any model is loaded."""
-    from segment_deeplab.engine.distributed import pick_device
+    from segment_deeplab.device import pick_device
 
     try:
         device = pick_device(args.device)

@@ -45,7 +45,7 @@ def _add_validate(sub) -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     import json
 
-    from segment_deeplab.data.dataset_spec import resolve_dataset
+    from segment_deeplab.data.spec import resolve_dataset
     from segment_deeplab.data.validate import format_report, validate_dataset
 
     spec, image_dir, mask_dir, raw = resolve_dataset(

@@ -39,8 +39,8 @@ def _add_export(sub) -> argparse.ArgumentParser:
 def _cmd_export(args) -> int:
     import json
 
-    from segment_deeplab.engine.export import ExportError, export
-    from segment_deeplab.engine.exported import ParityError
+    from segment_deeplab.export.write import ExportError, export
+    from segment_deeplab.export.parity import ParityError
 
     try:
         result = export(

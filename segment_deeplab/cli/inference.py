@@ -36,7 +36,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
 def _cmd_eval(args) -> int:
     import json
 
-    from segment_deeplab.engine.evaluate import format_table, run_eval
+    from segment_deeplab.infer.evaluate import format_table, run_eval
 
     check_tta(args)
     result = run_eval(
@@ -92,7 +92,7 @@ def _add_predict(sub) -> argparse.ArgumentParser:
 def _cmd_predict(args) -> int:
     import json
 
-    from segment_deeplab.engine.predict import run_predict
+    from segment_deeplab.infer.predict import run_predict
 
     check_tta(args)
     result = run_predict(

@@ -71,8 +71,8 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from segment_deeplab.config import load_config
-    from segment_deeplab.data.dataset_spec import open_dataset
-    from segment_deeplab.engine.train import TrainingError, fit
+    from segment_deeplab.data.spec import open_dataset
+    from segment_deeplab.train.loop import TrainingError, fit
 
     overrides = []
     for flag, key in _TRAIN_FLAGS.items():
@@ -125,7 +125,7 @@ def _cmd_train(args) -> int:
 def _default_base(args):
     """On a CPU without --config, start from the recommended CPU recipe."""
     from segment_deeplab.config import cpu_recipe
-    from segment_deeplab.engine.distributed import pick_device
+    from segment_deeplab.device import pick_device
 
     if args.config or pick_device(args.device).type != "cpu":
         return None

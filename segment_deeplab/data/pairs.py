@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from segment_deeplab.data.dataset_spec import IMAGE_EXTS
+from segment_deeplab.data.spec import IMAGE_EXTS
 
 # Fewer pairs than this are read in-process: starting workers would cost more.
 MIN_POOL_JOBS = 48

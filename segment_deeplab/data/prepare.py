@@ -18,14 +18,14 @@ from typing import Any
 
 from PIL import Image
 
-from segment_deeplab.data.dataset_spec import (
+from segment_deeplab.data.spec import (
     SPEC_NAME,
     DatasetError,
     DatasetSpec,
     placeholder_classes,
     resolve_dataset,
 )
-from segment_deeplab.data.mask_check import MaskOptions, to_ids
+from segment_deeplab.data.pair_check import MaskOptions, to_ids
 from segment_deeplab.data.pairs import dataset_hash, parallel_map
 from segment_deeplab.data.validate import ValidationReport, validate_dataset
 

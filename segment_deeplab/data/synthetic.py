@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segment_deeplab.data.dataset_spec import ClassInfo, DatasetSpec, default_palette
+from segment_deeplab.data.spec import ClassInfo, DatasetSpec, default_palette
 
 SHAPES = ("circle", "rectangle", "triangle", "ellipse", "diamond", "ring", "cross")
 TEXTURES = ("stripes", "checker", "grid", "rings")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from segment_deeplab.data.dataset_spec import DatasetSpec
-from segment_deeplab.data.mask_check import FileResult, MaskOptions, check_pair, classify_unknown
+from segment_deeplab.data.spec import DatasetSpec
+from segment_deeplab.data.pair_check import FileResult, MaskOptions, check_pair, classify_unknown
 from segment_deeplab.data.pairs import Pair, Problem, dataset_hash, pair_files, parallel_map
 
 # Dataset-wide: a value with this share of its pixels strictly between their

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segment_deeplab.palette import colorize
+from segment_deeplab.classes import colorize
 from segment_deeplab.report.runfolder import RunData
 
 # Most val images predicted to rank them when eval's per_image.csv is missing.
@@ -107,7 +107,7 @@ def _tta(data: RunData) -> dict[str, Any]:
 
 
 def _predict(model, image: torch.Tensor, tta: dict[str, Any]) -> torch.Tensor:
-    from segment_deeplab.engine.inference import labels, predict_probs
+    from segment_deeplab.infer.tta import labels, predict_probs
 
     return labels(predict_probs(model, image, **tta))[0].cpu()  # (H, W)
 
@@ -121,7 +121,7 @@ def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:
 
 def _rank_val(data: RunData, model) -> tuple[list[tuple[str, float]], str]:
     """(stem, per-image mIoU) best first over at most RANK_LIMIT evenly spaced val images."""
-    from segment_deeplab.data.folder import SegmentationFolder
+    from segment_deeplab.data.dataset import SegmentationFolder
     from segment_deeplab.metrics import image_miou
 
     stems = data.spec.split_stems("val")
@@ -147,10 +147,10 @@ def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Galler
         GalleryMissing: no dataset, no checkpoint, no val split or a class mismatch.
     """
     from segment_deeplab.checkpoint import CheckpointError, load_model
-    from segment_deeplab.data.dataset_spec import DatasetError
-    from segment_deeplab.data.folder import SegmentationFolder
-    from segment_deeplab.engine.distributed import pick_device
-    from segment_deeplab.engine.inference import prepare_model
+    from segment_deeplab.data.spec import DatasetError
+    from segment_deeplab.data.dataset import SegmentationFolder
+    from segment_deeplab.device import pick_device
+    from segment_deeplab.infer.tta import prepare_model
 
     if data.spec is None:
         raise GalleryMissing(f"the val images: {data.notes.get('dataset', 'no dataset')}")

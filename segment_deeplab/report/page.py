@@ -46,7 +46,7 @@ def _duration(seconds: float | None) -> str:
 
 def _progress(data: RunData) -> tuple[str, str, str | None]:
     """(steps trained, time trained, a note when the run is short of its planned length)."""
-    from segment_deeplab.engine.schedule import parse_duration
+    from segment_deeplab.train.schedule import parse_duration
 
     last = data.checkpoints.get("last.pt") or next(iter(data.checkpoints.values()), {})
     step = last.get("step") or (data.train[-1]["step"] if data.train else None)

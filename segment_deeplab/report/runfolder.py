@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from segment_deeplab.data.dataset_spec import ClassInfo, DatasetSpec
+from segment_deeplab.data.spec import ClassInfo, DatasetSpec
 
 CHECKPOINTS = ("best.pt", "last.pt")
 
@@ -137,7 +137,7 @@ def read_eval(eval_dir: Path, data: RunData) -> None:
 
 def _open_dataset(data: RunData) -> None:
     """The dataset from eval's record, the checkpoint's, or the run's own dataset.yaml."""
-    from segment_deeplab.data.dataset_spec import DatasetError, open_dataset
+    from segment_deeplab.data.spec import DatasetError, open_dataset
 
     refs = []
     if data.eval_metrics and data.eval_metrics.get("dataset"):

@@ -25,7 +25,7 @@ from torch import nn
 
 from segment_deeplab.checkpoint import FORMAT
 from segment_deeplab.config import Config
-from segment_deeplab.data.dataset_spec import ClassInfo
+from segment_deeplab.data.spec import ClassInfo
 
 SYNTHETIC_BATCHES = ((2, 97, 131), (1, 160, 224))  # (B, H, W): an odd and an aligned size
 MIN_AGREEMENT = 0.999  # argmax pixel agreement
@@ -259,8 +259,8 @@ def parity_images(
     synthetic = [synthetic_images(b, h, w, g) for b, h, w in SYNTHETIC_BATCHES]
     if data is None:
         return synthetic, "synthetic"
-    from segment_deeplab.data.dataset_spec import IMAGE_EXTS, SPEC_NAME, DatasetError, open_dataset
-    from segment_deeplab.data.folder import read_image
+    from segment_deeplab.data.spec import IMAGE_EXTS, SPEC_NAME, DatasetError, open_dataset
+    from segment_deeplab.data.dataset import read_image
 
     root = Path(data)
     if root.is_dir() and not (root / SPEC_NAME).is_file() and not (root / "images").is_dir():

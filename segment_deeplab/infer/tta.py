@@ -148,7 +148,7 @@ def labels(probs: torch.Tensor) -> torch.Tensor:
 def _autocast(model: nn.Module, device: torch.device, amp: str):
     """bf16/fp16 autocast where the hardware gains from it (as in training); exported
     models (ONNX, TorchScript) run as they were saved."""
-    from segment_deeplab.engine.runstate import resolve_amp
+    from segment_deeplab.train.setup import resolve_amp
     from segment_deeplab.models.deeplab import DeepLabV3
 
     dtype = resolve_amp(amp, device)[0] if isinstance(model, DeepLabV3) else None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from segment_deeplab.data.dataset_spec import ClassInfo
+from segment_deeplab.data.spec import ClassInfo
 
 Color = tuple[int, int, int]
 ArrayLike = np.ndarray | torch.Tensor

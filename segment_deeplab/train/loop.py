@@ -18,10 +18,11 @@ import torch
 from tqdm import tqdm
 
 from segment_deeplab.config import Config, save_config
-from segment_deeplab.data.dataset_spec import DatasetSpec
-from segment_deeplab.engine import distributed, schedule
-from segment_deeplab.engine.runlog import RunLog, log_jsonl, open_tensorboard
-from segment_deeplab.engine.runstate import (
+from segment_deeplab.data.spec import DatasetSpec
+from segment_deeplab import device as distributed
+from segment_deeplab.train import schedule
+from segment_deeplab.train.log import RunLog, log_jsonl, open_tensorboard
+from segment_deeplab.train.setup import (
     RunState,
     build_optimizer,
     check_resume,
@@ -72,7 +73,7 @@ def _validate(model, val_set, spec: DatasetSpec, info: distributed.DistInfo) -> 
     """Validation metrics summed over ranks, without the bulky per-image parts."""
     if val_set is None:
         return None
-    from segment_deeplab.engine.evaluate import evaluate, shard
+    from segment_deeplab.infer.evaluate import evaluate, shard
     from segment_deeplab.metrics import background_index
 
     metrics = evaluate(
@@ -106,7 +107,7 @@ def fit(
         out_dir: run folder: config.yaml, last.pt, best.pt, metrics.jsonl, tb/.
         resume: continue the run in `out_dir` from its last.pt.
     """
-    from segment_deeplab.data.folder import SegmentationFolder, build_loader
+    from segment_deeplab.data.dataset import SegmentationFolder, build_loader
     from segment_deeplab.data.transforms import eval_transforms
 
     out = Path(out_dir)
@@ -249,7 +250,7 @@ def _clock(seconds: float) -> str:
 def _train_step(
     model, images, masks, loss_fn, optimizer, scaler, amp_dtype, info, channels_last, freeze_bn
 ) -> float:
-    from segment_deeplab.engine.runstate import set_train_mode
+    from segment_deeplab.train.setup import set_train_mode
 
     set_train_mode(model, freeze_bn)
     images = images.to(info.device, non_blocking=True).float().div_(255)

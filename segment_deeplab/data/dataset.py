@@ -29,7 +29,7 @@ except ImportError:  # deprecated in torchvision 0.29, to be removed
     decode_image = None
 
 from segment_deeplab.config import DataConfig
-from segment_deeplab.data.dataset_spec import IMAGE_EXTS, DatasetError, DatasetSpec
+from segment_deeplab.data.spec import IMAGE_EXTS, DatasetError, DatasetSpec
 from segment_deeplab.data.transforms import MEAN_RGB, build_transforms
 
 # Every call of torchvision's decoders warns that they are deprecated; they still work.

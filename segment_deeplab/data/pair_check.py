@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segment_deeplab.data.dataset_spec import DatasetSpec
+from segment_deeplab.data.spec import DatasetSpec
 from segment_deeplab.data.pairs import Problem
 
 EXIF_ORIENTATION = 0x0112

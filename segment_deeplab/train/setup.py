@@ -13,8 +13,8 @@ from torch import nn
 
 from segment_deeplab.checkpoint import FORMAT, CheckpointError, load_file
 from segment_deeplab.config import Config, ConfigError, TrainConfig
-from segment_deeplab.data.dataset_spec import DatasetSpec
-from segment_deeplab.engine.distributed import DistInfo
+from segment_deeplab.data.spec import DatasetSpec
+from segment_deeplab.device import DistInfo
 
 # Below this per-device batch, batch-norm statistics are too noisy to fine-tune
 # (TF DeepLab's fine_tune_batch_norm advice); pretrained statistics are kept instead.

@@ -26,9 +26,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from segment_deeplab.data.dataset_spec import IMAGE_EXTS, ClassInfo
-from segment_deeplab.data.folder import read_image
-from segment_deeplab.engine.inference import (
+from segment_deeplab.data.spec import IMAGE_EXTS, ClassInfo
+from segment_deeplab.data.dataset import read_image
+from segment_deeplab.infer.tta import (
     _model_device,
     cpu_streams,
     in_streams,
@@ -36,7 +36,7 @@ from segment_deeplab.engine.inference import (
     predict_probs,
     prepare_model,
 )
-from segment_deeplab.palette import colorize, overlay
+from segment_deeplab.classes import colorize, overlay
 
 # EXIF orientations that turn the picture by 90 degrees (width and height swap).
 _TRANSPOSED = (5, 6, 7, 8)
@@ -285,8 +285,8 @@ def run_predict(
     **options,
 ) -> PredictResult:
     """Load a model (run folder, checkpoint or export) and `predict` with its classes."""
-    from segment_deeplab.engine.distributed import pick_device
-    from segment_deeplab.engine.exported import load_for_inference
+    from segment_deeplab.device import pick_device
+    from segment_deeplab.export.parity import load_for_inference
 
     dev = pick_device(device)
     model, classes, ignore = load_for_inference(checkpoint, dev)

@@ -35,7 +35,7 @@ from torch import nn
 from segment_deeplab.checkpoint import FORMAT, load_model
 from segment_deeplab.config import Config
 from segment_deeplab.data.transforms import MEAN_RGB
-from segment_deeplab.engine.exported import (
+from segment_deeplab.export.parity import (
     METADATA_FILE,
     ExportError,
     Parity,
@@ -48,7 +48,7 @@ from segment_deeplab.engine.exported import (
     sidecar_path,
     synthetic_images,
 )
-from segment_deeplab.engine.inference import input_multiple
+from segment_deeplab.infer.tta import input_multiple
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from segment_deeplab.data.dataset_spec import DatasetSpec
+from segment_deeplab.data.spec import DatasetSpec
 
 
 def log_jsonl(path: Path, record: dict) -> None:
@@ -77,8 +77,8 @@ class RunLog:
             return
         import numpy as np
 
-        from segment_deeplab.engine.inference import predict_labels
-        from segment_deeplab.palette import overlay
+        from segment_deeplab.infer.tta import predict_labels
+        from segment_deeplab.classes import overlay
 
         was_training = model.training
         model.eval()

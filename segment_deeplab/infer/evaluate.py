@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab.checkpoint import CheckpointError
-from segment_deeplab.engine.inference import (
+from segment_deeplab.infer.tta import (
     cpu_streams,
     in_streams,
     labels,
@@ -32,7 +32,7 @@ from segment_deeplab.engine.inference import (
     prepare_model,
 )
 from segment_deeplab.metrics import ConfusionMatrix, matrix_miou
-from segment_deeplab.palette import load_font
+from segment_deeplab.classes import load_font
 
 
 def check_classes(ckpt_classes: Sequence[Any], dataset_names: Sequence[str]) -> None:
@@ -308,10 +308,10 @@ def run_eval(
     every rank evaluates a shard; only rank 0 writes and gets the result (others: None).
     """
     from segment_deeplab.checkpoint import load_model
-    from segment_deeplab.data.dataset_spec import open_dataset
-    from segment_deeplab.data.folder import SegmentationFolder
-    from segment_deeplab.engine import distributed
-    from segment_deeplab.engine.runstate import resolve_amp
+    from segment_deeplab.data.spec import open_dataset
+    from segment_deeplab.data.dataset import SegmentationFolder
+    from segment_deeplab import device as distributed
+    from segment_deeplab.train.setup import resolve_amp
     from segment_deeplab.metrics import background_index
 
     ds = open_dataset(data, spec)

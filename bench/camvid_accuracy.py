@@ -81,8 +81,8 @@ def run_peer(args: argparse.Namespace) -> dict:
         peer_train_transforms,
     )
 
-    from segment_deeplab.data.spec import open_dataset
     from segment_deeplab.data.dataset import SegmentationFolder
+    from segment_deeplab.data.spec import open_dataset
     from segment_deeplab.infer.evaluate import evaluate
 
     spec = open_dataset(args.data)

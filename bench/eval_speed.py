@@ -37,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from segment_deeplab.config import load_config  # noqa: E402
-from segment_deeplab.data.spec import open_dataset  # noqa: E402
 from segment_deeplab.data.dataset import SegmentationFolder  # noqa: E402
+from segment_deeplab.data.spec import open_dataset  # noqa: E402
 from segment_deeplab.infer.evaluate import evaluate  # noqa: E402
+from segment_deeplab.infer.predict import predict  # noqa: E402
 from segment_deeplab.infer.tta import (  # noqa: E402
     _autocast,
     cpu_streams,
     in_streams,
     prepare_model,
 )
-from segment_deeplab.infer.predict import predict  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
 
 

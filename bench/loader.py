@@ -23,20 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_info, machine  # noqa: E402
 
 from segment_deeplab.config import load_config  # noqa: E402
-from segment_deeplab.data.spec import open_dataset  # noqa: E402
 from segment_deeplab.data.dataset import build_loader  # noqa: E402
-from segment_deeplab.train import schedule  # noqa: E402
-from segment_deeplab.train.setup import build_optimizer  # noqa: E402
-from segment_deeplab.train.loop import _train_step  # noqa: E402
+from segment_deeplab.data.spec import open_dataset  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
+from segment_deeplab.train import schedule  # noqa: E402
+from segment_deeplab.train.loop import _train_step  # noqa: E402
+from segment_deeplab.train.setup import build_optimizer  # noqa: E402
 
 
 def make_loader(cfg, spec, workers: int) -> torch.utils.data.DataLoader:
     """The loader `fit()` trains from (`build_loader` with its resumable sampler)."""
     cfg.data.workers = workers
     sampler = schedule.EpochBatchSampler(
-        len(spec.split_stems("train")), cfg.data.batch_size, cfg.train.seed
+        len(spec.read_split("train")), cfg.data.batch_size, cfg.train.seed
     )
     return build_loader(spec, "train", cfg.data, True, device="cpu", batch_sampler=sampler)
 

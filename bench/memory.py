@@ -33,14 +33,14 @@ CASES = [("project", "train"), ("project", "predict"), ("peer", "train"), ("peer
 def child(who: str, what: str, config: str, steps: int) -> None:
     """Run the workload; print peak RSS in MiB."""
     from segment_deeplab.config import load_config
-    from segment_deeplab.infer.tta import predict_probs, prepare_model
     from segment_deeplab.infer.predict import predict_groups
+    from segment_deeplab.infer.tta import predict_probs, prepare_model
 
     if who == "project":
-        from segment_deeplab.train.setup import build_optimizer
-        from segment_deeplab.train.loop import _train_step
         from segment_deeplab.losses import build_loss
         from segment_deeplab.models import build_model
+        from segment_deeplab.train.loop import _train_step
+        from segment_deeplab.train.setup import build_optimizer
 
         cfg = load_config(config, ["train.class_weights=null"])  # weights cost no memory
         cfg.model.num_classes = NUM_CLASSES

@@ -40,10 +40,10 @@ from peer_smp import build_peer, normalize_batch, peer_optimizer, peer_train_ste
 
 from segment_deeplab.config import Config  # noqa: E402
 from segment_deeplab.infer.tta import predict_probs, prepare_model  # noqa: E402
-from segment_deeplab.train.setup import build_optimizer, resolve_amp  # noqa: E402
-from segment_deeplab.train.loop import _train_step  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
+from segment_deeplab.train.loop import _train_step  # noqa: E402
+from segment_deeplab.train.setup import build_optimizer, resolve_amp  # noqa: E402
 
 NUM_CLASSES = 11
 

@@ -6,8 +6,8 @@
     mask = seg.predict("photo.jpg")               # (H, W) uint8 class ids
     seg.colorize(mask).save("photo_mask.png")     # P-mode PNG in the class colours
 
-Loading and prediction are those of `deeplab predict` (`engine.exported.load_for_inference`,
-`engine.predict.predict_groups`), so the TTA knobs (scales, flip, sliding window) work
+Loading and prediction are those of `deeplab predict` (`checkpoint.load_any`,
+`infer.predict.predict_groups`), so the TTA knobs (scales, flip, sliding window) work
 here too, for exported files as well.
 """
 
@@ -22,12 +22,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from segment_deeplab.data.spec import ClassInfo
+from segment_deeplab.checkpoint import load_any, sniff_format
+from segment_deeplab.classes import ClassInfo, colorize, overlay
+from segment_deeplab.data.decode import read_image
 from segment_deeplab.device import pick_device
-from segment_deeplab.export.parity import ExportError, load_for_inference, sniff_format
-from segment_deeplab.infer.tta import labels, prepare_model
-from segment_deeplab.infer.predict import load_image, predict_groups
-from segment_deeplab.classes import colorize, overlay
+from segment_deeplab.export.runtime import ExportError
+from segment_deeplab.infer.fold import for_inference
+from segment_deeplab.infer.predict import predict_groups
+from segment_deeplab.infer.tta import TTA, forward_dtype, labels
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 BATCH_SIZE = 4  # same-size images per forward pass in `predict_batch`
@@ -36,7 +38,7 @@ BATCH_SIZE = 4  # same-size images per forward pass in `predict_batch`
 def to_image_tensor(image: ImageLike) -> torch.Tensor:
     """A path, PIL image, (H, W[, 3|4]) uint8 array or (3, H, W) tensor as uint8 (3, H, W)."""
     if isinstance(image, (str, Path)):
-        return load_image(_existing(image))
+        return read_image(_existing(image))
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -70,11 +72,13 @@ class Segmenter:
         model: the nn.Module behind it (an `ExportedModel` for .onnx/TorchScript files).
         classes: the class list (id, name, colour); ids are 0..C-1.
         ignore_index: the mask value that marks unlabelled pixels.
-        scales, flip, window: TTA, as `deeplab predict --scales/--flip/--window`.
+        tta: scales, flip and window, as `deeplab predict --scales/--flip/--window`.
+        dtype: the autocast dtype of the forward pass (None: fp32).
 
     `Segmenter(model, ...)` prepares `model` for inference in place (eval mode, batch
-    norm folded into the convolutions, `inference.prepare_model`): pass a copy of a
-    model you mean to train further.
+    norm folded into the convolutions, `fold.for_inference`): pass a copy of a model
+    you mean to train further. `amp` is "auto" (bf16 on GPUs and AMX CPUs for the
+    project's models, as training chooses), "off", "bf16" or "fp16".
     """
 
     def __init__(
@@ -86,12 +90,26 @@ class Segmenter:
         scales: Sequence[float] = (1.0,),
         flip: bool = False,
         window: int | None = None,
+        amp: str = "auto",
     ) -> None:
-        self.device = torch.device(device) if not isinstance(device, str) else pick_device(device)
-        self.model = prepare_model(model, self.device)
+        self.device = pick_device(device)
+        self.model = for_inference(model, self.device)
         self.classes = list(classes)
         self.ignore_index = ignore_index
-        self.scales, self.flip, self.window = tuple(scales), flip, window
+        self.tta = TTA(tuple(scales), flip, window)
+        self.dtype = forward_dtype(self.model, amp, self.device)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return self.tta.scales
+
+    @property
+    def flip(self) -> bool:
+        return self.tta.flip
+
+    @property
+    def window(self) -> int | None:
+        return self.tta.window
 
     @classmethod
     def from_checkpoint(
@@ -101,6 +119,7 @@ class Segmenter:
         scales: Sequence[float] = (1.0,),
         flip: bool = False,
         window: int | None = None,
+        amp: str = "auto",
     ) -> Segmenter:
         """Load a run folder, a checkpoint, or a file written by `deeplab export`.
 
@@ -109,11 +128,14 @@ class Segmenter:
                 .onnx (run by onnxruntime), TorchScript or .safetensors file (with the
                 .json beside it).
             device: auto, cpu, cuda or cuda:N.
-            scales, flip, window: TTA settings, see `engine.inference.predict_probs`.
+            scales, flip, window: TTA settings, see `infer.tta.TTA`.
+            amp: precision of the forward pass (exported files always run as saved).
         """
         dev = pick_device(device)
-        model, classes, ignore = load_for_inference(path, dev)
-        return cls(model, classes, ignore, dev, scales=scales, flip=flip, window=window)
+        loaded = load_any(path, dev)
+        return cls(
+            loaded.model, loaded.classes, loaded.ignore_index, dev, scales, flip, window, amp
+        )
 
     @classmethod
     def from_onnx(cls, path: str | Path, device: str = "auto", **tta: Any) -> Segmenter:
@@ -145,9 +167,10 @@ class Segmenter:
         sources = [
             _existing(im) if isinstance(im, (str, Path)) else to_image_tensor(im) for im in images
         ]
-        tta = {"scales": self.scales, "flip": self.flip, "window": self.window}
-        for i, _, p in predict_groups(self.model, sources, batch_size, **tta):
-            yield i, p
+        for p in predict_groups(self.model, sources, batch_size, self.tta, self.dtype):
+            if p.error is not None:
+                raise p.error
+            yield p.index, p.probs
 
     def _ids(self, probs: torch.Tensor) -> np.ndarray:
         ids = labels(probs[None])[0].cpu().numpy()

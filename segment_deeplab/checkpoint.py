@@ -1,61 +1,107 @@
-"""Checkpoints: atomic writes, safe loads, and rebuilding a model from the file alone.
+"""Run files and model files: the one reader and writer of checkpoints and exports.
 
-A checkpoint is a plain dict saved with `torch.save` and read back with
+A checkpoint is a plain dict saved with `torch.save` (atomically) and read back with
 `weights_only=True`, so a file from a stranger cannot run code:
 
     format: "segment-deeplab/1"
     model: state dict          config: resolved Config as a dict
     classes: [{id, name, color}]   ignore_index: int   dataset_hash: str | None
-    step: int   (training state, when saved by `train`: optimizer, scheduler, rng, ...)
+    step: int   (training state, when saved by `train`: optimizer, scaler, rng, ...)
+
+`load_any` opens every model file the CLI takes (a run folder, a checkpoint, or an
+ONNX, TorchScript or safetensors export) as a model taking RGB in [0, 1].
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import json
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from safetensors.torch import load_file as load_safetensors_file
+from torch import nn
 
-from segment_deeplab.config import Config
-from segment_deeplab.data.spec import ClassInfo
+from segment_deeplab.atomic import torch_save
+from segment_deeplab.classes import ClassInfo, from_dicts, to_dicts
+from segment_deeplab.config import Config, ModelConfig
+from segment_deeplab.data.spec import DatasetSpec
+from segment_deeplab.device import unwrap
+from segment_deeplab.export.runtime import (
+    METADATA_FILE,
+    ExportedModel,
+    ExportError,
+    onnx_runner,
+    quiet,
+    sidecar_path,
+    torchscript_module,
+)
+from segment_deeplab.models import ModelError, build_model
+from segment_deeplab.models.init import InitSummary, load_state_dict_loose, unwrap_state_dict
 
 FORMAT = "segment-deeplab/1"
+RUN_FILES = ("best.pt", "last.pt")  # what a run folder stands for, in this order
+TRAINING_KEYS = ("optimizer", "scheduler", "rng", "scaler")
+TF_SUFFIXES = (".ckpt", ".index", ".meta", ".pb", ".h5")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message says why."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`.
+# ----------------------------------------------------------------------------- writing
+def training_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    cfg: Config,
+    spec: DatasetSpec,
+    step: int,
+    elapsed: float,
+    best: float | None,
+) -> dict[str, Any]:
+    """Everything `--resume` needs to continue exactly, and eval/export to rebuild."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format": FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng,
+        "step": step,
+        "elapsed_s": elapsed,
+        "best_miou": best,
+        "config": cfg.to_dict(),
+        "classes": to_dicts(spec.classes),
+        "ignore_index": spec.ignore_index,
+        "dataset_hash": spec.hash,
+        "dataset_path": str(spec.path) if spec.path else None,
+    }
 
-    An interrupted write never leaves a half-written checkpoint under the real name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def without_training_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint minus optimizer, scaler and RNG state (best.pt: eval and export)."""
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
 
 
+def save(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Write a checkpoint atomically: an interrupted write never leaves half a file."""
+    return torch_save(ckpt, path)
+
+
+# ----------------------------------------------------------------------------- reading
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a `.pt/.pth/.bin` (weights only) or `.safetensors` file into a dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as st_load
-
-        return st_load(str(path), device=str(map_location))
+        return load_safetensors_file(str(path), device=str(map_location))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated files, code-carrying pickles
@@ -74,16 +120,20 @@ def is_project_checkpoint(obj: dict[str, Any]) -> bool:
     return obj.get("format") == FORMAT
 
 
+def run_file(path: str | Path) -> Path:
+    """A run folder's best.pt (else last.pt); a file stays itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in RUN_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} holds no best.pt or last.pt checkpoint")
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a segment-deeplab checkpoint (or a run folder's best/last) and check its format."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{path} holds no best.pt or last.pt checkpoint")
+    path = run_file(path)
     obj = load_file(path, map_location)
     if not is_project_checkpoint(obj):
         raise CheckpointError(
@@ -93,27 +143,170 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's entries other than weights and training state, for reports: read
+    memory-mapped, so the weights are never read from disk."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors, truncated files, code-carrying pickles
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__})") from e
+    if not isinstance(obj, dict) or "classes" not in obj:
+        raise CheckpointError(f"{path} is not a segment-deeplab checkpoint")
+    keep = ("step", "elapsed_s", "best_miou", "config", "classes", "ignore_index")
+    return {k: obj.get(k) for k in (*keep, "dataset_path", "dataset_hash")}
+
+
 def checkpoint_classes(ckpt: dict[str, Any]) -> list[ClassInfo]:
-    return [ClassInfo(c["id"], c["name"], tuple(c["color"])) for c in ckpt["classes"]]
+    return from_dicts(ckpt["classes"])
+
+
+def rebuild(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[nn.Module, Config]:
+    """The model a saved config describes, with `state` loaded, in eval mode.
+
+    Never downloads or reads init files: the weights are all in `state`.
+    """
+    cfg = Config.from_dict(config)
+    cfg.model.pretrained, cfg.model.init_checkpoint = False, None
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    return model.eval(), cfg
 
 
 def load_model(
     path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the model of a checkpoint (no network access, no pretrained download).
 
     Returns:
         (model in eval mode, resolved Config, the checkpoint dict without weights)
     """
-    from segment_deeplab.models import build_model
-
     ckpt = read_checkpoint(path, map_location)
-    cfg = Config.from_dict(ckpt["config"])
-    cfg.model.pretrained = False
-    cfg.model.init_checkpoint = None
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt.pop("model"))
-    model.eval()
-    for key in ("optimizer", "scheduler", "rng", "scaler"):
-        ckpt.pop(key, None)
-    return model, cfg, ckpt
+    model, cfg = rebuild(ckpt["config"], ckpt.pop("model"))
+    return model, cfg, without_training_state(ckpt)
+
+
+def load_init_checkpoint(model: nn.Module, path: str | Path, verbose: bool = False) -> InitSummary:
+    """Initialise `model` from a local weights file: a segment-deeplab checkpoint, or a
+    timm or torchvision state dict (.pt/.pth/.bin/.safetensors; see `models.init`)."""
+    path = Path(path)
+    if path.suffix in TF_SUFFIXES or ".data-" in path.name:
+        raise ModelError(
+            f"{path} looks like a TensorFlow/Keras checkpoint, which cannot be read; use "
+            "model.pretrained=true (timm's ports of the ImageNet weights) or a PyTorch file"
+        )
+    try:
+        obj = load_file(path)
+    except CheckpointError as e:
+        raise ModelError(f"model.init_checkpoint: {e}") from e
+    source = unwrap_state_dict(obj)
+    if not source:
+        raise ModelError(f"{path} holds no tensors (keys: {list(obj)[:5]})")
+    return load_state_dict_loose(model, source, path.name, verbose)
+
+
+def build_initialised(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
+    """`build_model(cfg)`, then the weights of `cfg.init_checkpoint` if set, with the
+    one-line summary of what was loaded printed (names too when `verbose`)."""
+    model = build_model(cfg, verbose=verbose)
+    if cfg.init_checkpoint:
+        print(load_init_checkpoint(model, cfg.init_checkpoint, verbose))
+    return model
+
+
+# ----------------------------------------------------------------------------- exports
+def sniff_format(path: str | Path) -> str:
+    """onnx, torchscript, safetensors or checkpoint, from the file's first bytes (any name)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK":  # a zip archive: TorchScript holds code/, torch.save files do not
+        with zipfile.ZipFile(path) as z:
+            script = any(
+                "/code/" in n or n.endswith(f"extra/{METADATA_FILE}") for n in z.namelist()
+            )
+        return "torchscript" if script else "checkpoint"
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle: a legacy (non-zip) torch.save file
+        return "checkpoint"
+    return "onnx"
+
+
+def read_metadata(path: str | Path, sidecar: str | Path | None = None) -> dict[str, Any]:
+    """The metadata of an exported .onnx, TorchScript or .safetensors file.
+
+    For safetensors it is the JSON beside the weights (`sidecar_path`, or `sidecar`),
+    which is what loading reads; the header holds a copy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"exported model not found: {path}")
+    fmt = sniff_format(path)
+    if fmt == "onnx":
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+        return {p.key: json.loads(p.value) for p in props}
+    if fmt == "safetensors":
+        side = Path(sidecar) if sidecar is not None else sidecar_path(path)
+        if not side.is_file():
+            raise ExportError(
+                f"{side} not found: a .safetensors export keeps its config, classes and "
+                f"normalisation in that file; copy it along with {path.name}"
+            )
+        return json.loads(side.read_text())
+    if fmt == "checkpoint":
+        raise ExportError(f"{path} is a training checkpoint, not an exported model")
+    files = {METADATA_FILE: ""}
+    with quiet():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[METADATA_FILE] or "{}")
+
+
+def load_safetensors(
+    path: str | Path, sidecar: str | Path | None = None
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild the model of a .safetensors export and its JSON: (eval-mode model, Config, meta).
+
+    Nothing is unpickled: the weights are raw tensors and the rest is JSON.
+    """
+    meta = read_metadata(path, sidecar)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ExportError(f"{sidecar_path(path)} was not written by segment-deeplab (no config)")
+    model, cfg = rebuild(meta["config"], load_safetensors_file(str(path)))
+    return model, cfg, meta
+
+
+@dataclass
+class Loaded:
+    """A model file opened for prediction."""
+
+    model: nn.Module  # takes (B, 3, H, W) RGB in [0, 1], returns (B, C, H, W) scores
+    classes: list[ClassInfo]
+    ignore_index: int
+    format: str  # checkpoint, safetensors, onnx or torchscript
+    path: Path  # the file read (a run folder's best.pt or last.pt)
+
+
+def load_any(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
+    """Any model file, as `deeplab predict`, `eval --checkpoint` and `Segmenter` take it.
+
+    Args:
+        path: run folder (best.pt, then last.pt), checkpoint, or a `deeplab export` file:
+            .onnx (run by onnxruntime), TorchScript or .safetensors (with its JSON).
+        device: where an ONNX or TorchScript export runs (checkpoints load on the CPU).
+    """
+    device = torch.device(device)
+    path = run_file(path)
+    fmt = sniff_format(path) if path.is_file() else "checkpoint"
+    if fmt == "checkpoint":
+        model, _, ckpt = load_model(path)
+        return Loaded(
+            model, checkpoint_classes(ckpt), int(ckpt.get("ignore_index", 255)), fmt, path
+        )
+    if fmt == "safetensors":
+        model, _, meta = load_safetensors(path)
+    elif fmt == "onnx":
+        meta = read_metadata(path)
+        model = ExportedModel(onnx_runner(path, device), meta)
+    else:
+        meta = read_metadata(path)
+        model = ExportedModel(torchscript_module(path, device), meta)
+    return Loaded(model, from_dicts(meta["classes"]), int(meta.get("ignore_index", 255)), fmt, path)

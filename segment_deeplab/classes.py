@@ -1,18 +1,77 @@
-"""Class colours as pictures: P-mode index masks, overlays with a legend.
+"""The classes of a model or dataset, and their colours as pictures.
 
-Index masks are saved as palette ("P") PNGs: the pixel values are the class ids, so
-the file is a valid training mask, and any image viewer shows the class colours.
+`ClassInfo` (id, name, colour) is how checkpoints, exports, dataset.yaml and reports
+all carry the class list (`to_dicts` / `from_dicts`). Index masks are saved as palette
+("P") PNGs: the pixel values are the class ids, so the file is a valid training mask,
+and any image viewer shows the class colours.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from segment_deeplab.data.spec import ClassInfo
+
+@dataclass
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "color": list(self.color)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassInfo:
+        return cls(int(d["id"]), str(d["name"]), tuple(int(v) for v in d["color"]))
+
+
+def to_dicts(classes: Iterable[ClassInfo]) -> list[dict[str, Any]]:
+    """The JSON/YAML form of a class list: [{id, name, color}]."""
+    return [c.to_dict() for c in classes]
+
+
+def from_dicts(items: Iterable[dict[str, Any]]) -> list[ClassInfo]:
+    """A class list from its JSON/YAML form (checkpoints, exports, metadata)."""
+    return [ClassInfo.from_dict(d) for d in items]
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """PASCAL VOC's colour map: distinct colours for any number of classes."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append((r, g, b))
+    return out
+
+
+def placeholder_classes(ids: list[int]) -> list[ClassInfo]:
+    """Classes for ids seen in the masks, named class_<id>, coloured by the VOC palette."""
+    pal = default_palette(max(ids) + 1 if ids else 0)
+    return [ClassInfo(i, f"class_{i}", pal[i]) for i in sorted(ids)]
+
+
+# The confusion heat map's ramp, white to dark blue (metrics PNG and the HTML report).
+HEAT_LOW, HEAT_HIGH = (255, 255, 255), (8, 48, 107)
+
+
+def heat_color(v: float) -> tuple[int, int, int]:
+    """The heat-map colour of a fraction v in [0, 1]."""
+    return tuple(
+        int(round(lo + (hi - lo) * float(v))) for lo, hi in zip(HEAT_LOW, HEAT_HIGH, strict=True)
+    )
+
 
 Color = tuple[int, int, int]
 ArrayLike = np.ndarray | torch.Tensor

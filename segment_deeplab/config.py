@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from segment_deeplab.atomic import write_text
 
 
 @dataclass
@@ -119,32 +123,18 @@ class Config:
         return _build(cls, d or {}, "")
 
 
-# The recommended recipe on a CPU, found by the CamVid benchmark (BENCHMARKS.md) and
-# shipped as configs/deeplabv3plus_resnet18_camvid_256.yaml. `deeplab train` starts
-# from it on a CPU when no --config is given: cheap steps (output stride 32, separable
-# 128-channel head, 256x256 crops) and AdamW get furthest per CPU minute.
-CPU_RECIPE: dict[str, dict[str, Any]] = {
-    "model": {
-        "model_variant": "resnet_18",
-        "output_stride": 32,
-        "separable": True,
-        "aspp_channels": 128,
-        "decoder_channels": 128,
-    },
-    "data": {"crop_size": [256, 256], "scale_range": [0.75, 1.25], "batch_size": 8},
-    "train": {
-        "optimizer": "adamw",
-        "lr": 0.004,
-        "weight_decay": 0.01,
-        "warmup_steps": 20,
-        "class_weights": "auto",
-    },
-}
+# The ready-made runs shipped with the package (also at configs/ in a source checkout).
+RECIPES = Path(__file__).resolve().parent / "configs"
+# The recommended recipe on a CPU, found by the CamVid benchmark (BENCHMARKS.md):
+# `deeplab train` starts from it on a CPU when no --config is given.
+CPU_RECIPE = RECIPES / "deeplabv3plus_resnet18_camvid_256.yaml"
+# Run-length keys: a length given on the command line replaces a config file's.
+LENGTH_KEYS = ("train.steps", "train.epochs", "train.time")
 
 
 def cpu_recipe() -> Config:
-    """Defaults with CPU_RECIPE applied."""
-    return Config.from_dict(CPU_RECIPE)
+    """The shipped CPU recipe (`CPU_RECIPE`)."""
+    return load_config(CPU_RECIPE)
 
 
 class ConfigError(ValueError):
@@ -156,7 +146,99 @@ def _closest(name: str, choices: list[str]) -> str:
     return f" Did you mean '{hit[0]}'?" if hit else ""
 
 
+# Bounds checked when a config is built: key -> (test, what the value must be).
+_BOUNDS: dict[str, tuple[Any, str]] = {
+    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.workers": (lambda v: v >= 0, "0 or more"),
+    "train.steps": (lambda v: v >= 1, "at least 1"),
+    "train.epochs": (lambda v: v >= 1, "at least 1"),
+    "train.lr": (lambda v: v > 0, "positive, e.g. 0.01"),
+    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.poly_power": (lambda v: v >= 0, "0 or more"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.top_k_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.val_every": (lambda v: v >= 1, "at least 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "train.log_every": (lambda v: v >= 1, "at least 1"),
+}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(hint: Any) -> str:
+    """'a number', 'a list of integers or null', ... for a type hint."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or raise TypeError. Numbers written as strings count
+    (YAML 1.1 reads 1e-4 as a string); booleans are never numbers."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not str):
+            if arg is str and not isinstance(value, str):
+                continue  # a list or number is not the string branch of str | list[float]
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise TypeError from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError
+        if hint is int:
+            if float(value) != int(value):
+                raise TypeError
+            return int(value)
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError
+        return str(value)
+    return value
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` checked against the field's type and bounds; the error names the key."""
+    try:
+        out = _coerce(value, hint)
+    except TypeError:
+        raise ConfigError(
+            f"config key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})"
+        ) from None
+    if key in _BOUNDS and out is not None:
+        test, must = _BOUNDS[key]
+        if not test(out):
+            raise ConfigError(f"config key '{key}' must be {must}, got {out!r}")
+    return out
+
+
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -170,63 +252,90 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(prefix + key, value, hint)
     return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
-    # YAML gives ints, floats, bools, null and [lists] for free.
-    return yaml.safe_load(text)
+def _full_key(d: dict[str, Any], key: str) -> str:
+    """`section.key` for `key` or `section.key`, or a ConfigError naming the closest."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        owners = [s for s in d if isinstance(d[s], dict) and parts[0] in d[s]]
+        if len(owners) != 1:
+            every = [f"{s}.{k}" for s in d for k in d[s]]
+            raise ConfigError(
+                f"unknown config key '{key}'.{_closest(key, every)} Use section.key=value."
+            )
+        return f"{owners[0]}.{parts[0]}"
+    if len(parts) != 2 or not isinstance(d.get(parts[0]), dict):
+        raise ConfigError(f"unknown config section '{parts[0]}' in '{key}'")
+    if parts[1] not in d[parts[0]]:
+        full = [f"{parts[0]}.{k}" for k in d[parts[0]]]
+        raise ConfigError(
+            f"unknown config key '{key}'.{_closest(key, full)} Valid keys: {', '.join(full)}"
+        )
+    return key
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` (or unique `key=value`) overrides to a config."""
-    d = cfg.to_dict()
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.lr=0.02", "crop_size=[321,321]"] -> {"train.lr": 0.02, ...} (YAML values)."""
+    out = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.lr=0.02)")
         key, text = item.split("=", 1)
-        parts = key.split(".")
-        if len(parts) == 1:
-            owners = [s for s in d if isinstance(d[s], dict) and parts[0] in d[s]]
-            if len(owners) != 1:
-                every = [f"{s}.{k}" for s in d for k in d[s]]
-                raise ConfigError(
-                    f"unknown config key '{key}'.{_closest(key, every)} Use section.key=value."
-                )
-            parts = [owners[0], parts[0]]
-        node = d
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                raise ConfigError(f"unknown config section '{p}' in '{key}'")
-            node = node[p]
-        if parts[-1] not in node:
-            section = ".".join(parts[:-1])
-            full = [f"{section}.{k}" for k in node]
-            raise ConfigError(
-                f"unknown config key '{key}'.{_closest('.'.join(parts), full)} "
-                f"Valid keys: {', '.join(full)}"
-            )
-        node[parts[-1]] = _parse_value(text)
+        try:
+            out[key] = yaml.safe_load(text)  # ints, floats, bools, null and [lists]
+        except yaml.YAMLError:
+            out[key] = text
+    return out
+
+
+def override(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `section.key` (or unique `key`) set to typed values, checked."""
+    d = cfg.to_dict()
+    for key, value in values.items():
+        section, name = _full_key(d, key).split(".")
+        d[section][name] = value
     return Config.from_dict(d)
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` (or unique `key=value`) overrides to a config."""
+    return override(cfg, parse_overrides(overrides))
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, base: Config | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    base: Config | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or `base`), then the YAML file (if any), then key=value overrides."""
+    """Defaults (or `base`), then the YAML file (if any), then `values` (typed, e.g. from
+    command-line flags), then key=value `overrides`.
+
+    A run length among `values` or `overrides` (steps, epochs or time) replaces the
+    lengths of the file and the base: the run is as long as the command line says.
+    """
     cfg = base or Config()
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with p.open() as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping with model/data/train sections")
         cfg = Config.from_dict(data)
-    return apply_overrides(cfg, overrides or [])
+    given = {**(values or {}), **parse_overrides(overrides or [])}
+    d = cfg.to_dict()
+    full = {_full_key(d, k): v for k, v in given.items()}
+    if any(k in full for k in LENGTH_KEYS):
+        full = {**{k: None for k in LENGTH_KEYS}, **full}
+    return override(cfg, full)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -34,7 +34,7 @@ def make_dataset(root: Path, seed: int = 1) -> Path:
 
 def stop_at(monkeypatch, at_call: int) -> None:
     """Deliver SIGTERM to ourselves during the `at_call`-th training step (as Ctrl-C would)."""
-    real, calls = train_mod._train_step, {"n": 0}
+    real, calls = train_mod.train_step, {"n": 0}
 
     def step(*a, **k):
         calls["n"] += 1
@@ -42,4 +42,4 @@ def stop_at(monkeypatch, at_call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "_train_step", step)
+    monkeypatch.setattr(train_mod, "train_step", step)

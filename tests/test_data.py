@@ -12,15 +12,16 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from segment_deeplab.classes import ClassInfo
 from segment_deeplab.config import DataConfig
-from segment_deeplab.data import dataset as folder
-from segment_deeplab.data.spec import ClassInfo, DatasetError, DatasetSpec, open_dataset
+from segment_deeplab.data import decode
 from segment_deeplab.data.dataset import (
     SegmentationFolder,
     build_loader,
     pad_collate,
     resolve_workers,
 )
+from segment_deeplab.data.spec import DatasetError, DatasetSpec, open_dataset
 from segment_deeplab.data.synthetic import generate
 from segment_deeplab.data.transforms import (
     MEAN_RGB,
@@ -85,8 +86,8 @@ def test_synthetic_dataset_loads(tmp_path: Path) -> None:
     assert spec.path == path and spec.num_classes == 4 and spec.ignore_index == IGNORE
     assert spec.class_names == ["background", "circle", "rectangle", "triangle"]
     assert len(set(spec.palette)) == 4
-    assert spec.split_stems("train") == [f"{i:04d}" for i in range(6)]
-    assert spec.split_stems("val") == ["0006", "0007"]
+    assert spec.read_split("train") == [f"{i:04d}" for i in range(6)]
+    assert spec.read_split("val") == ["0006", "0007"]
     masks = np.stack([np.asarray(Image.open(p)) for p in sorted(spec.mask_dir.glob("*.png"))])
     values = set(np.unique(masks).tolist())
     assert values <= {0, 1, 2, 3, IGNORE} and IGNORE in values and len(values) >= 4
@@ -181,7 +182,7 @@ def test_color_masks_map_to_ids(tmp_path: Path) -> None:
 @pytest.mark.parametrize("decoder", ["torchvision", "pil"])
 def test_exif_rotated_jpeg_comes_out_upright(tmp_path: Path, monkeypatch, decoder: str) -> None:
     if decoder == "pil":  # the path taken once torchvision drops its decoders
-        monkeypatch.setattr(folder, "decode_image", None)
+        monkeypatch.setattr(decode, "decode_image", None)
     spec = make_spec(tmp_path)
     upright = np.zeros((40, 24, 3), np.uint8)
     upright[:20] = (255, 0, 0)  # red top half

@@ -12,11 +12,12 @@ from torch import nn
 
 from segment_deeplab import checkpoint as ckpt_mod
 from segment_deeplab import cli
+from segment_deeplab.classes import ClassInfo
 from segment_deeplab.config import Config
-from segment_deeplab.data.spec import ClassInfo
-from segment_deeplab.infer.evaluate import check_classes, evaluate, write_outputs
-from segment_deeplab.infer.tta import _starts, predict_probs
+from segment_deeplab.infer.eval_outputs import write_outputs
+from segment_deeplab.infer.evaluate import check_classes, evaluate
 from segment_deeplab.infer.predict import predict
+from segment_deeplab.infer.tta import TTA, _starts, predict_probs
 from segment_deeplab.metrics import metrics_from_matrix
 
 CLASSES = [
@@ -73,21 +74,21 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_probs_shape_and_sum() -> None:
-    p = predict_probs(PixelModel(), _image(21, 30), scales=(0.5, 1.0, 1.75), flip=True)
+    p = predict_probs(PixelModel(), _image(21, 30), TTA(scales=(0.5, 1.0, 1.75), flip=True))
     assert p.shape == (1, 3, 21, 30)
     torch.testing.assert_close(p.sum(1), torch.ones(1, 21, 30))
 
 
 def test_flip_on_symmetric_model_changes_nothing() -> None:
     model, x = SymmetricModel().eval(), _image(19, 26, seed=3)
-    torch.testing.assert_close(predict_probs(model, x, flip=True), predict_probs(model, x))
+    torch.testing.assert_close(predict_probs(model, x, TTA(flip=True)), predict_probs(model, x))
 
 
 @pytest.mark.parametrize("window,overlap", [(16, 1 / 3), (24, 0.5), (40, 0.0)])
 def test_sliding_window_equals_whole_image_for_pixel_model(window: int, overlap: float) -> None:
     model, x = PixelModel().eval(), _image(45, 70, seed=4).unsqueeze(0).repeat(2, 1, 1, 1)
     full = predict_probs(model, x)
-    tiled = predict_probs(model, x, window=window, overlap=overlap)
+    tiled = predict_probs(model, x, TTA(window=window, overlap=overlap))
     torch.testing.assert_close(tiled, full)
 
 
@@ -169,7 +170,7 @@ def test_evaluate_in_two_streams_equals_one() -> None:
     the threads, gives what one stream gives (to float rounding), image for image and in
     dataset order; an unreadable file still stops it with its name, and the thread count
     comes back."""
-    from segment_deeplab.infer.tta import prepare_model
+    from segment_deeplab.infer.fold import for_inference as prepare_model
     from segment_deeplab.models import build_model
 
     cfg = Config()
@@ -206,17 +207,17 @@ def test_in_streams_keeps_order_and_runs_a_single_item_on_all_threads() -> None:
     import threading
     import time
 
-    from segment_deeplab.infer.tta import in_streams
+    from segment_deeplab.infer.streams import in_streams
 
     def work(i: int) -> tuple[int, int, int]:
         time.sleep(0.02 * (i % 2))  # odd items finish later than the even ones
         return i, threading.get_ident(), torch.get_num_threads()
 
-    got = list(in_streams(work, range(6), 2))
+    got = list(in_streams(work, range(6), PixelModel(), streams=2))
     assert [i for i, _, _ in got] == list(range(6))
     assert threading.get_ident() not in {t for _, t, _ in got}
     assert {n for _, _, n in got} == {max(1, torch.get_num_threads() // 2)}
-    (lone,) = in_streams(work, [0], 2)
+    (lone,) = in_streams(work, [0], PixelModel(), streams=2)
     assert lone[1:] == (threading.get_ident(), torch.get_num_threads())
 
 
@@ -278,12 +279,10 @@ def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
     paths[3].write_bytes(paths[3].read_bytes()[:60])  # truncated: header fine, pixels not
     runs = {}
     for streams in (1, 2):
-        bad: list[int] = []
         model = PixelModel().eval()
-        got = predict_groups(
-            model, paths, 2, on_error=lambda i, e, b=bad: b.append(i), streams=streams
-        )
-        runs[streams] = ({i: p for i, _, p in got}, bad)
+        got = list(predict_groups(model, paths, 2, streams=streams))
+        bad = [p.index for p in got if p.error is not None]
+        runs[streams] = ({p.index: p.probs for p in got if p.error is None}, bad)
     (one, bad_one), (two, bad_two) = runs[1], runs[2]
     assert sorted(one) == sorted(two) == [0, 1, 2, 4] and bad_one == bad_two == [3]
     for i in one:
@@ -293,8 +292,8 @@ def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
 def test_onnx_exports_predict_in_one_stream() -> None:
     """onnxruntime runs on threads of its own: no second stream beside it; a torch model
     on a CPU with two threads or more gets two."""
-    from segment_deeplab.export.parity import ExportedModel
-    from segment_deeplab.infer.tta import cpu_streams
+    from segment_deeplab.export.runtime import ExportedModel
+    from segment_deeplab.infer.streams import stream_count
 
     meta = {
         "input": {"dtype": "float32"},
@@ -303,11 +302,11 @@ def test_onnx_exports_predict_in_one_stream() -> None:
         "mean": [0.5, 0.5, 0.5],
     }
     onnx_like = ExportedModel(lambda x: x, meta)
-    assert cpu_streams("cpu", onnx_like) == 1
-    assert cpu_streams("cpu", ExportedModel(torch.nn.Identity(), meta)) == cpu_streams("cpu")
-    assert cpu_streams("cuda", PixelModel()) == 1
+    assert stream_count(onnx_like) == 1
+    script_like = ExportedModel(torch.nn.Conv2d(3, 3, 1), meta)  # TorchScript: torch threads
+    assert stream_count(script_like) == stream_count(PixelModel())
     if torch.get_num_threads() >= 2 and torch.backends.openmp.is_available():
-        assert cpu_streams("cpu", PixelModel()) == 2
+        assert stream_count(PixelModel()) == 2
 
 
 def test_predict_applies_exif_orientation(tmp_path) -> None:
@@ -420,7 +419,7 @@ def test_eval_cli_end_to_end_on_saved_checkpoint(tmp_path, capsys) -> None:
         "dataset_hash": None,
         "step": 0,
     }
-    ckpt_mod.atomic_save(ckpt, tmp_path / "run" / "best.pt")
+    ckpt_mod.save(ckpt, tmp_path / "run" / "best.pt")
     rc = cli.main(
         [
             "eval",
@@ -445,6 +444,6 @@ def test_eval_cli_end_to_end_on_saved_checkpoint(tmp_path, capsys) -> None:
     assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
     # A checkpoint for other classes is refused with both class lists named.
     ckpt["classes"] = ckpt["classes"][:2]
-    ckpt_mod.atomic_save(ckpt, tmp_path / "run" / "best.pt")
+    ckpt_mod.save(ckpt, tmp_path / "run" / "best.pt")
     rc = cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(spec)])
     assert rc == 2 and "differ from the dataset" in capsys.readouterr().err

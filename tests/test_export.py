@@ -14,13 +14,15 @@ import torch
 from PIL import Image
 
 from segment_deeplab import Segmenter
-from segment_deeplab.checkpoint import FORMAT, atomic_save, load_model
+from segment_deeplab.checkpoint import FORMAT, load_model, load_safetensors, read_metadata
+from segment_deeplab.checkpoint import save as atomic_save
 from segment_deeplab.cli import main
 from segment_deeplab.config import Config, ModelConfig
 from segment_deeplab.export import write as export_mod
+from segment_deeplab.export.runtime import ExportError
 from segment_deeplab.export.write import DeployModel, export
-from segment_deeplab.export.parity import ExportError, load_safetensors, read_metadata
-from segment_deeplab.infer.tta import predict_labels, prepare_model
+from segment_deeplab.infer.fold import for_inference as prepare_model
+from segment_deeplab.infer.tta import predict_labels
 from segment_deeplab.models import build_model
 
 CLASSES = [
@@ -135,7 +137,7 @@ def test_baked_preprocessing_and_argmax_match_pytorch(onnx_baked, model):
         labels = sess.run(None, {"image": nhwc})[0]
         assert labels.shape == (1, h, w) and labels.dtype == np.uint8
         # what `deeplab predict` gives, in fp32 as the exported graph runs
-        ref = predict_labels(model, image, amp="off")
+        ref = predict_labels(model, image)
         assert (labels == ref.numpy()).mean() > 0.999
         assert len(np.unique(labels)) > 1
     meta = read_metadata(onnx_baked)
@@ -157,7 +159,7 @@ def test_torchscript_reload_at_another_size(run_dir, model, tmp_path):
     assert (got - ref).abs().max() < 1e-4
     assert read_metadata(out)["classes"] == CLASSES
     mask = Segmenter.from_checkpoint(out, device="cpu").predict(image)
-    assert (mask == predict_labels(model, image, amp="off")[0].numpy()).mean() > 0.999
+    assert (mask == predict_labels(model, image)[0].numpy()).mean() > 0.999
 
 
 def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path, monkeypatch):
@@ -235,8 +237,8 @@ def test_cli_export_fails_when_the_export_disagrees(
 ):
     real = export_mod.load_runner
 
-    def broken(fmt, path, module):
-        run = real(fmt, path, module)
+    def broken(fmt, path, module, sidecar=None):
+        run = real(fmt, path, module, sidecar)
 
         def runner(x):
             if fault == "crash":  # e.g. a graph that only runs at its traced size
@@ -317,7 +319,7 @@ def test_predict_batch_groups_sizes_and_matches_predict(run_dir, tmp_path):
 
 def test_segmenter_from_onnx(onnx_raw, onnx_baked, model, run_dir, tmp_path):
     image = _image(97, 131, seed=3)
-    ref = predict_labels(model, image, amp="off")[0].numpy()  # exported graphs run fp32
+    ref = predict_labels(model, image)[0].numpy()  # exported graphs run fp32
     for path in (onnx_raw, onnx_baked):
         seg = Segmenter.from_onnx(path, device="cpu")
         assert seg.class_names == ["background", "cat", "dog"]

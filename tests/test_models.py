@@ -11,10 +11,11 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 
-from segment_deeplab.checkpoint import FORMAT
+from segment_deeplab.checkpoint import FORMAT, build_initialised, load_init_checkpoint
 from segment_deeplab.config import ModelConfig
-from segment_deeplab.infer.tta import fold_batch_norm, prepare_model
-from segment_deeplab.models import ModelError, build_model, deeplab, load_init_checkpoint
+from segment_deeplab.infer.fold import fold_batch_norm
+from segment_deeplab.infer.fold import for_inference as prepare_model
+from segment_deeplab.models import ModelError, build_model, deeplab
 from segment_deeplab.models.deeplab import default_atrous_rates
 
 SIZES = [(65, 97), (33, 47)]  # odd on purpose: not multiples of any stride
@@ -248,7 +249,7 @@ def test_init_from_timm_state_dict(tmp_path) -> None:
 def test_init_from_torchvision_state_dict_in_container(tmp_path) -> None:
     sd = torchvision.models.resnet18(weights=None).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "tv.pth")
-    model = build_model(tiny_cfg(init_checkpoint=str(tmp_path / "tv.pth")))
+    model = build_initialised(tiny_cfg(init_checkpoint=str(tmp_path / "tv.pth")))
     backbone_equal(model, sd)
 
 
@@ -286,7 +287,7 @@ def test_head_reinitialised_for_other_num_classes(tmp_path, capsys) -> None:
     src = build_model(tiny_cfg(num_classes=3))
     ckpt = {"format": FORMAT, "model": src.state_dict(), "config": {}, "classes": []}
     torch.save(ckpt, tmp_path / "best.pt")
-    model = build_model(tiny_cfg(num_classes=5, init_checkpoint=str(tmp_path / "best.pt")))
+    model = build_initialised(tiny_cfg(num_classes=5, init_checkpoint=str(tmp_path / "best.pt")))
     assert "skipped 2" in capsys.readouterr().out
     for key, t in model.state_dict().items():
         if not key.startswith("classifier."):
@@ -301,7 +302,7 @@ def test_head_reinitialised_for_other_num_classes(tmp_path, capsys) -> None:
 def test_nothing_matches_raises(tmp_path) -> None:
     torch.save({"encoder.foo.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(ModelError, match="nothing in other.pt fits"):
-        build_model(tiny_cfg(init_checkpoint=str(tmp_path / "other.pt")))
+        build_initialised(tiny_cfg(init_checkpoint=str(tmp_path / "other.pt")))
 
 
 def test_other_architecture_raises(tmp_path) -> None:

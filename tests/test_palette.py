@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segment_deeplab.data.spec import ClassInfo
-from segment_deeplab.classes import colorize, overlay
+from segment_deeplab.classes import ClassInfo, colorize, overlay
 
 CLASSES = [
     ClassInfo(0, "background", (0, 0, 0)),

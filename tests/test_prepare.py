@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from segment_deeplab.cli import main
+from segment_deeplab.data.prepare import make_split, parse_remap, prepare_dataset
 from segment_deeplab.data.spec import DatasetError, open_dataset
-from segment_deeplab.data.prepare import parse_remap, prepare_dataset, split_stems
 
 H, W = 8, 12
 CAMVID = Path(__file__).resolve().parents[2] / "shared/datasets/camvid"
@@ -40,14 +40,14 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_split_is_seeded_and_respects_fraction():
     stems = [f"s{i}" for i in range(50)]
-    train, val = split_stems(stems, 0.2, seed=0)
+    train, val = make_split(stems, 0.2, seed=0)
     assert len(val) == 10 and len(train) == 40
     assert sorted(train + val) == sorted(stems) and train == sorted(train) and val == sorted(val)
-    assert split_stems(stems, 0.2, seed=0) == (train, val)
-    assert split_stems(stems, 0.2, seed=1)[1] != val
-    assert len(split_stems(stems[:3], 0.01, 0)[1]) == 1  # at least one val pair
+    assert make_split(stems, 0.2, seed=0) == (train, val)
+    assert make_split(stems, 0.2, seed=1)[1] != val
+    assert len(make_split(stems[:3], 0.01, 0)[1]) == 1  # at least one val pair
     with pytest.raises(DatasetError):
-        split_stems(stems, 1.0, 0)
+        make_split(stems, 1.0, 0)
 
 
 def test_parse_remap():
@@ -62,8 +62,8 @@ def test_prepare_writes_splits_stats_and_hash(tmp_path):
     res = prepare_dataset(root, val_fraction=0.3, seed=3)
     assert res.spec_path == root / "dataset.yaml" and not res.placeholders
     ds = open_dataset(root)
-    assert ds.split_stems("val") == res.val and len(res.val) == 3
-    assert sorted(ds.split_stems("train") + res.val) == [f"im{i:02d}" for i in range(10)]
+    assert ds.read_split("val") == res.val and len(res.val) == 3
+    assert sorted(ds.read_split("train") + res.val) == [f"im{i:02d}" for i in range(10)]
     raw = yaml.safe_load((root / "dataset.yaml").read_text())
     assert raw["images"] == "images" and raw["splits"]["train"] == "splits/train.txt"
     stats = raw["stats"]

@@ -16,9 +16,9 @@ from PIL import Image
 from segment_deeplab.cli import main
 from segment_deeplab.config import load_config, save_config
 from segment_deeplab.data.spec import open_dataset
-from segment_deeplab.train.loop import fit
 from segment_deeplab.report import build_report, write_report
 from segment_deeplab.report.svg import Series, class_bars, line_chart, nice_ticks
+from segment_deeplab.train.loop import fit
 
 SECTIONS = ("summary", "curves", "class-iou", "confusion", "classes", "gallery", "config")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,9 +17,9 @@ from helpers import TINY, stop_at
 from segment_deeplab.checkpoint import load_file, load_model
 from segment_deeplab.config import ConfigError, load_config
 from segment_deeplab.data.spec import open_dataset
-from segment_deeplab.train import loop as train_mod
-from segment_deeplab.train.loop import TrainingError, fit
 from segment_deeplab.losses import auto_class_weights
+from segment_deeplab.train import setup as setup_mod
+from segment_deeplab.train.loop import TrainingError, fit
 
 
 def _cfg(*extra: str):
@@ -113,7 +113,7 @@ def test_new_run_into_an_existing_run_folder_refuses(dataset, tmp_path):
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
     spec = open_dataset(dataset)
-    real = train_mod.build_loss
+    real = setup_mod.build_loss
 
     def poisoned(*a, **k):
         fn, calls = real(*a, **k), {"n": 0}
@@ -125,7 +125,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(dataset, tmp_
 
         return loss
 
-    monkeypatch.setattr(train_mod, "build_loss", poisoned)
+    monkeypatch.setattr(setup_mod, "build_loss", poisoned)
     with pytest.raises(TrainingError, match="nan at step 4; the last good checkpoint is"):
         fit(_cfg("train.steps=10", "train.checkpoint_every=2"), spec, tmp_path / "run")
     ck = load_file(tmp_path / "run" / "last.pt")

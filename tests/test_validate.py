@@ -49,7 +49,7 @@ def make_dataset(root: Path, n: int = 4, num_classes: int = 3, spec: bool = True
 
 def run(root: Path):
     spec, images, masks, raw = resolve_dataset(root)
-    return validate_dataset(spec, images, masks, ignore_color=raw.get("ignore_color"))
+    return validate_dataset(spec, images, masks)
 
 
 def codes(report) -> set[str]:

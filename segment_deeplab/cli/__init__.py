@@ -2,7 +2,8 @@
 
 Each module here adds its subcommands with `register(subparsers)`; a handler takes the
 parsed arguments and returns the exit status. Errors the user can fix (DatasetError,
-ConfigError, CheckpointError, ModelError, UserError) print one line and exit 2.
+ConfigError, CheckpointError, ModelError, DeviceError, ExportError, UserError) print one
+line and exit 2.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from segment_deeplab.checkpoint import CheckpointError
     from segment_deeplab.config import ConfigError
     from segment_deeplab.data.spec import DatasetError
+    from segment_deeplab.device import DeviceError
+    from segment_deeplab.export.runtime import ExportError
     from segment_deeplab.models import ModelError
 
-    return (UserError, ConfigError, DatasetError, CheckpointError, ModelError)
+    errors = (UserError, ConfigError, DatasetError, CheckpointError, ModelError, DeviceError)
+    return (*errors, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:

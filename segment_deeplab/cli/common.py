@@ -45,19 +45,21 @@ def tta_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_tta(args) -> None:
-    """Reject a bad device or inference option before any model is loaded."""
-    from segment_deeplab.device import pick_device
+def check_tta(args):
+    """The TTA the flags ask for, with the device and precision checked, before any
+    model is loaded. Returns an `infer.tta.TTA`."""
+    from segment_deeplab.device import DeviceError, pick_device
+    from segment_deeplab.infer.tta import TTA
 
     try:
         device = pick_device(args.device)
-    except (ValueError, RuntimeError) as e:
+    except DeviceError as e:
         raise UserError(f"--device {args.device}: {e}") from e
     if args.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device, not {device}; use bf16 or off")
-    if any(s <= 0 for s in args.scales):
-        raise UserError(f"--scales must be positive, got {args.scales}")
-    if args.window is not None and args.window < 16:
-        raise UserError(f"--window must be at least 16 pixels, got {args.window}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        return TTA(tuple(args.scales), args.flip, args.window)
+    except ValueError as e:
+        raise UserError(f"--scales/--window: {e}") from e

@@ -48,14 +48,11 @@ def _cmd_validate(args) -> int:
     from segment_deeplab.data.spec import resolve_dataset
     from segment_deeplab.data.validate import format_report, validate_dataset
 
-    spec, image_dir, mask_dir, raw = resolve_dataset(
-        args.dataset, args.images, args.masks, args.spec
-    )
+    spec, image_dir, mask_dir, _ = resolve_dataset(args.dataset, args.images, args.masks, args.spec)
     report = validate_dataset(
         spec,
         image_dir,
         mask_dir,
-        ignore_color=raw.get("ignore_color"),
         workers=args.workers,
         progress=not args.json and sys.stderr.isatty(),
     )

@@ -39,8 +39,9 @@ def _add_export(sub) -> argparse.ArgumentParser:
 def _cmd_export(args) -> int:
     import json
 
-    from segment_deeplab.export.write import ExportError, export
     from segment_deeplab.export.parity import ParityError
+    from segment_deeplab.export.runtime import ExportError
+    from segment_deeplab.export.write import export
 
     try:
         result = export(

@@ -36,9 +36,10 @@ def _add_eval(sub) -> argparse.ArgumentParser:
 def _cmd_eval(args) -> int:
     import json
 
-    from segment_deeplab.infer.evaluate import format_table, run_eval
+    from segment_deeplab.infer.eval_outputs import format_table
+    from segment_deeplab.infer.evaluate import run_eval
 
-    check_tta(args)
+    tta = check_tta(args)
     result = run_eval(
         args.checkpoint,
         args.data,
@@ -46,9 +47,7 @@ def _cmd_eval(args) -> int:
         output=args.output,
         spec=args.spec,
         device=args.device,
-        scales=args.scales,
-        flip=args.flip,
-        window=args.window,
+        tta=tta,
         background=args.background,
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -94,15 +93,13 @@ def _cmd_predict(args) -> int:
 
     from segment_deeplab.infer.predict import run_predict
 
-    check_tta(args)
+    tta = check_tta(args)
     result = run_predict(
         args.checkpoint,
         args.inputs,
         args.output,
         device=args.device,
-        scales=args.scales,
-        flip=args.flip,
-        window=args.window,
+        tta=tta,
         batch_size=args.batch_size,
         save_probs=args.save_probs,
         progress=not args.no_progress,

@@ -26,9 +26,13 @@ _TRAIN_FLAGS = {
 }
 
 
-def _optional_int(text: str) -> str:
-    """An int, or 'null' for none (kept as text so "not given" stays distinguishable)."""
-    return "null" if text.lower() in ("none", "null", "") else str(int(text))
+class _NoStride:
+    """--decoder-output-stride none: DeepLab v3 (given, unlike a flag left out)."""
+
+
+def _optional_int(text: str) -> int | type[_NoStride]:
+    """An int, or none/null for no decoder."""
+    return _NoStride if text.lower() in ("none", "null", "") else int(text)
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
@@ -74,27 +78,27 @@ def _cmd_train(args) -> int:
     from segment_deeplab.data.spec import open_dataset
     from segment_deeplab.train.loop import TrainingError, fit
 
-    overrides = []
+    values = {}  # flags as typed values, applied before the key=value overrides
     for flag, key in _TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={value if not isinstance(value, list) else list(value)}")
+            values[key] = None if value is _NoStride else value
     if args.pretrained:
-        overrides.append("model.pretrained=true")
-    overrides += args.overrides
+        values["model.pretrained"] = True
+    overrides = args.overrides
 
     if args.resume:
         run = Path(args.resume)
         if args.output and Path(args.output).resolve() != run.resolve():
             raise UserError("--resume continues RUN_DIR in place; drop --output")
         base = args.config or (run / "config.yaml")
-        cfg = load_config(base, overrides)
+        cfg = load_config(base, overrides, values=values)
         data = args.data or _recorded_dataset(run)
         out = run
     else:
         if not args.output or not args.data:
             raise UserError("train needs --data DATASET and --output RUN_DIR (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides, base=_default_base(args))
+        cfg = load_config(args.config, overrides, base=_default_base(args), values=values)
         data, out = args.data, Path(args.output)
     spec = open_dataset(data, spec=args.spec)
     try:

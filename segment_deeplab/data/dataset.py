@@ -1,126 +1,28 @@
 """A torch Dataset over `images/` + `masks/` paired by file stem, and its DataLoader.
 
-Images decode with torchvision.io (1.5x faster than PIL for JPEG) with EXIF orientation
-applied, so a phone photo comes out the way viewers show it and the way it was
-annotated; PIL reads what torchvision.io cannot (and everything, once torchvision drops
-its deprecated decoders). Masks decode with PIL: torchvision.io returns garbage for
-palette PNGs below 8 bits or with transparency, which PIL and annotation tools write for
-few-class masks, while PIL gives palette indices for every P-mode PNG at about the same
-speed (0.43 vs 0.37 ms for a CamVid mask).
+Files are paired by `pairs.index_stems` and decoded by `decode`, as `deeplab validate`
+pairs and decodes them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
-try:
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # deprecated in torchvision 0.29, to be removed
-    decode_image = None
-
 from segment_deeplab.config import DataConfig
-from segment_deeplab.data.spec import IMAGE_EXTS, DatasetError, DatasetSpec
-from segment_deeplab.data.transforms import MEAN_RGB, build_transforms
-
-# Every call of torchvision's decoders warns that they are deprecated; they still work.
-# One filter for that message (`warnings.catch_warnings` per call is not thread-safe,
-# and images are decoded in several threads).
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
-)
+from segment_deeplab.data.decode import MaskOptions, check_ids, read_image, read_mask
+from segment_deeplab.data.pairs import Problem, index_stems
+from segment_deeplab.data.spec import DatasetError, DatasetSpec
+from segment_deeplab.data.transforms import build_transforms
+from segment_deeplab.models.inputs import MEAN_RGB
 
 FIX_HINT = "run `deeplab validate` on the dataset to list every problem"
-
-
-def _index_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
-    """stem -> file for the files in `folder` with one of `exts` (any case), first ext wins."""
-    found: dict[str, Path] = {}
-    rank = {e: i for i, e in enumerate(exts)}
-    for entry in os.scandir(folder):
-        ext = os.path.splitext(entry.name)[1].lower()
-        if ext in rank and entry.is_file():
-            stem = entry.name[: -len(ext)]
-            if stem not in found or rank[ext] < rank[found[stem].suffix.lower()]:
-                found[stem] = Path(entry.path)
-    return found
-
-
-def read_image(path: Path, hint: str = FIX_HINT) -> torch.Tensor:
-    """An RGB image as uint8 (3, H, W), EXIF orientation applied.
-
-    The one image decoder of the project: training, evaluation and prediction all read
-    pixels through it, so they see the same values.
-    """
-    if decode_image is not None:
-        try:
-            img = decode_image(
-                read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True
-            )
-            if img.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
-                img = (img >> 8).to(torch.uint8)
-            return img
-        except (RuntimeError, ValueError):
-            pass  # formats libjpeg/libpng decline; PIL reads more of them
-    try:
-        with Image.open(path) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}" + (f"; {hint}" if hint else "")) from e
-
-
-def read_mask(path: Path, spec: DatasetSpec) -> torch.Tensor:
-    """A mask as class ids (H, W): palette indices for P-mode PNGs, colours mapped to ids
-    when `spec.color_masks` (colours of no class become the ignore index)."""
-    try:
-        # No EXIF orientation here: annotation tools write masks in the upright image's
-        # pixel grid, and `deeplab validate` compares sizes the same way.
-        with Image.open(path) as im:
-            if spec.color_masks:
-                return _colors_to_ids(np.array(im.convert("RGB")), spec)
-            arr = np.array(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path}: {e}; {FIX_HINT}") from e
-    if arr.ndim == 3:
-        # Grey masks saved as RGB(A) are common; real colour masks need color_masks.
-        if (
-            arr.shape[2] >= 3
-            and (arr[..., 0] == arr[..., 1]).all()
-            and (arr[..., 0] == arr[..., 2]).all()
-        ):
-            arr = arr[..., 0]
-        else:
-            raise DatasetError(
-                f"mask {path} has {arr.shape[2]} colour channels; masks hold one class id per "
-                "pixel. If its colours are the class colours, set `color_masks: true` in "
-                f"{spec.path or 'dataset.yaml'}"
-            )
-    if arr.dtype != np.uint8:
-        # bool ('1' mode), uint16 ('I;16') or int32 ('I'): int64 supports every op later.
-        arr = arr.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def _colors_to_ids(rgb: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
-    """(H, W, 3) uint8 colours -> (H, W) uint8 ids via one searchsorted over packed colours."""
-    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-    keys = np.array([(r << 16) | (g << 8) | b for r, g, b in spec.palette], np.int32)
-    order = np.argsort(keys)
-    keys, ids = keys[order], np.array(spec.class_ids(), np.int64)[order]
-    pos = np.clip(np.searchsorted(keys, code), 0, len(keys) - 1)
-    out = np.where(keys[pos] == code, ids[pos], spec.ignore_index)
-    dtype = np.uint8 if spec.ignore_index < 256 and spec.num_classes <= 256 else np.int64
-    return torch.from_numpy(out.astype(dtype))
 
 
 class SegmentationFolder(Dataset):
@@ -143,14 +45,19 @@ class SegmentationFolder(Dataset):
     ) -> None:
         self.spec = spec
         self.transform = transform
-        images = _index_files(spec.image_dir, IMAGE_EXTS)
-        masks = _index_files(spec.mask_dir, (".png",))
+        self.mask_options = MaskOptions.build(spec)
+        problems: list[Problem] = []
+        images = index_stems(spec.image_dir, "images", problems)
+        masks = index_stems(spec.mask_dir, "masks", problems)
         if stems is None:
-            stems = spec.split_stems(split) if split is not None else sorted(images.keys() & masks)
+            stems = spec.read_split(split) if split is not None else sorted(images.keys() & masks)
         self.stems = list(stems)
         missing = [s for s in self.stems if s not in images or s not in masks]
         if missing:
             s = missing[0]
+            for p in problems:  # a stem left out of the index because two files share it
+                if p.code == "duplicate_stem" and Path(p.file).stem == s:
+                    raise DatasetError(f"{p.message} ({Path(p.file).parent}); {FIX_HINT}")
             what = (
                 f"image {spec.image_dir / s}.{{jpg,jpeg,png}}"
                 if s not in images
@@ -178,28 +85,17 @@ class SegmentationFolder(Dataset):
             raise DatasetError(f"image {image_path} is missing; {FIX_HINT}")
         if not mask_path.is_file():
             raise DatasetError(f"mask {mask_path} is missing; {FIX_HINT}")
-        image, mask = read_image(image_path), read_mask(mask_path, self.spec)
+        image = read_image(image_path, FIX_HINT)
+        ids = read_mask(mask_path, self.mask_options, FIX_HINT)
+        check_ids(ids, mask_path, self.spec.num_classes, self.spec.ignore_index)
+        mask = torch.from_numpy(ids)
         if image.shape[-2:] != mask.shape:
             raise DatasetError(
                 f"image {image_path} is {tuple(image.shape[-2:])} (H, W) but mask {mask_path} "
                 f"is {tuple(mask.shape)}; masks must match their upright image (EXIF "
                 f"orientation applied); {FIX_HINT}"
             )
-        self._check_ids(mask, mask_path)
         return image, mask
-
-    def _check_ids(self, mask: torch.Tensor, path: Path) -> None:
-        # Out-of-range ids would crash the loss far from their cause (a CUDA assert).
-        # numpy: ~15x faster than torch for these uint8 comparisons.
-        n, ignore, m = self.spec.num_classes, self.spec.ignore_index, mask.numpy()
-        bad = (m >= n) & (m != ignore)
-        if bad.any():
-            values = np.unique(m[bad])[:10].tolist()
-            raise DatasetError(
-                f"mask {path} has values {values} outside 0..{n - 1} and the ignore index "
-                f"{ignore}; add the classes to dataset.yaml or remap them with "
-                "`deeplab prepare --remap SRC:DST`"
-            )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(i)

@@ -47,8 +47,13 @@ class Pair:
     mask: Path
 
 
-def _list_stems(folder: Path, kind: str, problems: list[Problem]) -> dict[str, Path]:
-    """stem -> file for the image files of a folder; repeated stems are problems."""
+def index_stems(folder: Path, kind: str, problems: list[Problem]) -> dict[str, Path]:
+    """stem -> file for the image files (.jpg/.jpeg/.png, any case) of a folder.
+
+    The one stem index: validation and the training dataset both pair files with it.
+    Hidden files are passed over, other files are warnings, and a stem shared by two
+    files is an error (the pair would be ambiguous) and left out of the index.
+    """
     by_stem: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.is_file():
@@ -75,8 +80,8 @@ def _list_stems(folder: Path, kind: str, problems: list[Problem]) -> dict[str, P
 def pair_files(image_dir: Path, mask_dir: Path) -> tuple[list[Pair], list[Problem]]:
     """Pair images/ and masks/ by file stem; lone files and repeated stems are errors."""
     problems: list[Problem] = []
-    images = _list_stems(image_dir, "images", problems)
-    masks = _list_stems(mask_dir, "masks", problems)
+    images = index_stems(image_dir, "images", problems)
+    masks = index_stems(mask_dir, "masks", problems)
     dup = {Path(p.file).stem for p in problems if p.code == "duplicate_stem"}
     for stem in sorted(images.keys() - masks.keys() - dup):
         msg = f"images/{images[stem].name} has no mask: add masks/{stem}.png or move the image out"

@@ -18,15 +18,11 @@ from typing import Any
 
 from PIL import Image
 
-from segment_deeplab.data.spec import (
-    SPEC_NAME,
-    DatasetError,
-    DatasetSpec,
-    placeholder_classes,
-    resolve_dataset,
-)
-from segment_deeplab.data.pair_check import MaskOptions, to_ids
+from segment_deeplab.atomic import write_bytes, write_text
+from segment_deeplab.classes import placeholder_classes
+from segment_deeplab.data.decode import MaskOptions, read_mask
 from segment_deeplab.data.pairs import dataset_hash, parallel_map
+from segment_deeplab.data.spec import SPEC_NAME, DatasetError, DatasetSpec, resolve_dataset
 from segment_deeplab.data.validate import ValidationReport, validate_dataset
 
 PREPARED_MASKS = "masks_prepared"
@@ -85,7 +81,7 @@ def parse_remap(items: list[str] | None) -> dict[int, int]:
     return out
 
 
-def split_stems(stems: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def make_split(stems: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A reproducible train/val split, each side sorted.
 
     Stems are ordered by a seeded hash, not a shuffle, so the split does not depend
@@ -150,15 +146,14 @@ def _contiguous_ids(report: ValidationReport) -> list[int]:
 
 def convert_mask(src: Path, dst: Path, opts: MaskOptions) -> str:
     """Write `src` as a mode-L PNG of class ids at `dst`; returns its sha256."""
-    with Image.open(src) as img:
-        img.load()
-        ids = to_ids(img, src, opts, problems=[])
-    if ids is None:  # validation passed, so this means the file changed meanwhile
-        raise DatasetError(f"{src} changed while preparing; run `deeplab prepare` again")
+    try:
+        ids = read_mask(src, opts)
+    except DatasetError as e:  # validation passed, so the file changed meanwhile
+        raise DatasetError(f"{e}; it changed while preparing: run `deeplab prepare` again") from e
     buf = io.BytesIO()
     Image.fromarray(ids).save(buf, format="PNG")
     data = buf.getvalue()
-    dst.write_bytes(data)
+    write_bytes(dst, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -198,19 +193,12 @@ def prepare_dataset(
         ValidationFailed: validation found errors (nothing is written).
         DatasetError: unusable input or a read-only output folder.
     """
-    ds, image_dir, mask_dir, raw = resolve_dataset(dataset, images, masks, spec)
+    ds, image_dir, mask_dir, _ = resolve_dataset(dataset, images, masks, spec)
     out_dir = _output_dir(dataset, output, ds, image_dir)
     _check_writable(out_dir)
-    split_stems([], val_fraction, seed)  # checks the fraction before the long pass
-    ignore_color = raw.get("ignore_color")
+    make_split([], val_fraction, seed)  # checks the fraction before the long pass
     report = validate_dataset(
-        ds,
-        image_dir,
-        mask_dir,
-        remap=remap,
-        ignore_color=ignore_color,
-        workers=workers,
-        progress=progress,
+        ds, image_dir, mask_dir, remap=remap, workers=workers, progress=progress
     )
     if not report.ok:
         raise ValidationFailed(report)
@@ -221,15 +209,15 @@ def prepare_dataset(
     file_hashes = dict(report.file_hashes)
     converted = None
     if remap or (ds and ds.color_masks):
-        opts = MaskOptions.build(ds, ignore, remap, ignore_color)
+        opts = MaskOptions.build(ds, ignore, remap)
         converted = out_dir / PREPARED_MASKS
         for stem, h in _convert_all(report, opts, converted, workers, progress).items():
             file_hashes[stem] = (file_hashes[stem][0], h)
-    train, val = split_stems([p.stem for p in report.pairs], val_fraction, seed)
+    train, val = make_split([p.stem for p in report.pairs], val_fraction, seed)
     split_dir = out_dir / "splits"
     split_dir.mkdir(parents=True, exist_ok=True)
     for name, stems in (("train", train), ("val", val)):
-        (split_dir / f"{name}.txt").write_text("".join(f"{s}\n" for s in stems))
+        write_text(split_dir / f"{name}.txt", "".join(f"{s}\n" for s in stems))
     # Update the description in place when it lives in the output folder.
     spec_path = out_dir / SPEC_NAME
     if ds is not None and ds.path is not None and ds.path.parent.resolve() == out_dir.resolve():

@@ -28,6 +28,9 @@ from typing import Any
 
 import yaml
 
+from segment_deeplab.atomic import write_text
+from segment_deeplab.classes import ClassInfo, default_palette, to_dicts
+
 SPEC_NAME = "dataset.yaml"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_EXTS = (".png",)
@@ -35,13 +38,6 @@ MASK_EXTS = (".png",)
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message names the file and the fix."""
-
-
-@dataclass
-class ClassInfo:
-    id: int
-    name: str
-    color: tuple[int, int, int]
 
 
 @dataclass
@@ -53,6 +49,8 @@ class DatasetSpec:
     mask_dir: Path
     ignore_index: int = 255
     color_masks: bool = False
+    # for colour masks: the colour that means "ignore"
+    ignore_color: tuple[int, int, int] | None = None
     # split name -> absolute path of a text file with one stem per line
     splits: dict[str, Path] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +73,7 @@ class DatasetSpec:
     def class_ids(self) -> list[int]:
         return [c.id for c in self.classes]
 
-    def split_stems(self, split: str) -> list[str]:
+    def read_split(self, split: str) -> list[str]:
         if split not in self.splits:
             have = ", ".join(self.splits) or "none"
             hint = "run `deeplab prepare` on it first" if not self.splits else ""
@@ -99,10 +97,12 @@ class DatasetSpec:
 
         d: dict[str, Any] = {
             "ignore_index": self.ignore_index,
-            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in self.classes],
+            "classes": to_dicts(self.classes),
         }
         if self.color_masks:
             d["color_masks"] = True
+        if self.ignore_color is not None:
+            d["ignore_color"] = list(self.ignore_color)
         d["images"] = rel(self.image_dir)
         d["masks"] = rel(self.mask_dir)
         if self.splits:
@@ -114,34 +114,10 @@ class DatasetSpec:
         return d
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(
             self.to_yaml_dict(path.parent), sort_keys=False, default_flow_style=None
         )
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-
-
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """PASCAL VOC's colour map: distinct colours for any number of classes."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append((r, g, b))
-    return out
-
-
-def placeholder_classes(ids: list[int]) -> list[ClassInfo]:
-    """Classes for ids seen in the masks, named class_<id>, coloured by the VOC palette."""
-    pal = default_palette(max(ids) + 1 if ids else 0)
-    return [ClassInfo(i, f"class_{i}", pal[i]) for i in sorted(ids)]
+        write_text(path, text)
 
 
 def _parse_classes(raw: Any, where: Path) -> list[ClassInfo]:
@@ -167,6 +143,14 @@ def _parse_classes(raw: Any, where: Path) -> list[ClassInfo]:
             "renumber them with `deeplab prepare --remap SRC:DST`"
         )
     return sorted(classes, key=lambda c: c.id)
+
+
+def _parse_color(raw: Any, where: Path) -> tuple[int, int, int] | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 3):
+        raise DatasetError(f"{where}: ignore_color must be [R, G, B], got {raw!r}")
+    return tuple(int(v) for v in raw)
 
 
 def load_spec(path: Path) -> tuple[dict[str, Any], Path]:
@@ -248,6 +232,7 @@ def resolve_dataset(
         mask_dir=mask_dir,
         ignore_index=int(raw.get("ignore_index", 255)),
         color_masks=bool(raw.get("color_masks", False)),
+        ignore_color=_parse_color(raw.get("ignore_color"), spec_path),
         splits=splits,
         stats=raw.get("stats") or {},
         hash=raw.get("hash"),

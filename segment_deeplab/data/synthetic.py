@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segment_deeplab.data.spec import ClassInfo, DatasetSpec, default_palette
+from segment_deeplab.classes import ClassInfo, default_palette
+from segment_deeplab.data.spec import DatasetSpec
 
 SHAPES = ("circle", "rectangle", "triangle", "ellipse", "diamond", "ring", "cross")
 TEXTURES = ("stripes", "checker", "grid", "rings")

@@ -2,9 +2,9 @@
 
 Image and mask always move together: images are `tv_tensors.Image` uint8 (3, H, W),
 masks `tv_tensors.Mask` (H, W) of class ids. Masks resize with nearest neighbour and
-pad with the ignore index, so no invented label ever reaches the loss. Normalisation
-is not done here: the model normalises uint8 input itself, which keeps batches small
-to move and makes exported models take raw pixels.
+pad with the ignore index, so no invented label ever reaches the loss. Images stay
+uint8 here, which keeps batches small to move; `models.inputs.to_input` scales them to
+the model's [0, 1] input in the training step, and the model normalises them itself.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2._utils import query_size
 
 from segment_deeplab.config import ConfigError, DataConfig
-
-# ImageNet mean as uint8. Padding with it (as TF DeepLab pads with its mean pixel) makes
-# padded pixels ~0 after normalisation, the value zero-padding convolutions assume anyway.
-MEAN_RGB = (124, 116, 104)
+from segment_deeplab.models.inputs import MEAN_RGB
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -3,7 +3,8 @@
 `validate_dataset` reads all pairs in parallel and returns a `ValidationReport`
 (problems, per-class pixel and image counts, the pair list and file hashes) that
 `deeplab prepare` reuses; `format_report` turns it into the text the CLI prints.
-Pairing lives in `pairs.py`, reading one pair in `mask_check.py`.
+Pairing lives in `pairs.py`, reading one pair in `pair_check.py` (through `decode.py`,
+the decoder training uses).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from segment_deeplab.data.spec import DatasetSpec
-from segment_deeplab.data.pair_check import FileResult, MaskOptions, check_pair, classify_unknown
+from segment_deeplab.data.decode import MaskOptions, classify_unknown
+from segment_deeplab.data.pair_check import FileResult, check_pair
 from segment_deeplab.data.pairs import Pair, Problem, dataset_hash, pair_files, parallel_map
+from segment_deeplab.data.spec import DatasetSpec
 
 # Dataset-wide: a value with this share of its pixels strictly between their
 # neighbours' values is a resampling artefact, not a class (only without dataset.yaml).
@@ -109,7 +111,6 @@ def validate_dataset(
     mask_dir: Path,
     *,
     remap: dict[int, int] | None = None,
-    ignore_color: tuple[int, int, int] | None = None,
     workers: int | None = None,
     progress: bool = False,
 ) -> ValidationReport:
@@ -119,14 +120,13 @@ def validate_dataset(
         spec: the dataset description, or None to check against the ids the masks hold.
         image_dir, mask_dir: the folders to pair by stem.
         remap: mask value -> new value, applied before any value check (`prepare --remap`).
-        ignore_color: for colour masks, the colour that means "ignore".
         workers: reader processes (default: one per core).
         progress: show a progress bar on stderr.
     """
     t0 = time.perf_counter()
     pairs, problems = pair_files(Path(image_dir), Path(mask_dir))
     ignore = spec.ignore_index if spec else 255
-    opts = MaskOptions.build(spec, ignore, remap, ignore_color)
+    opts = MaskOptions.build(spec, ignore, remap)
     jobs = [(p.stem, p.image, p.mask, opts) for p in pairs]
     results: list[FileResult] = parallel_map(check_pair, jobs, workers, progress)
     for r in results:

@@ -18,37 +18,42 @@ it agrees.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from segment_deeplab.checkpoint import FORMAT, load_model
+from segment_deeplab import __version__
+from segment_deeplab.atomic import staged
+from segment_deeplab.checkpoint import FORMAT, load_model, load_safetensors
 from segment_deeplab.config import Config
-from segment_deeplab.data.transforms import MEAN_RGB
 from segment_deeplab.export.parity import (
-    METADATA_FILE,
-    ExportError,
     Parity,
     as_input,
     check_parity,
-    load_safetensors,
-    onnx_runner,
     parity_images,
-    quiet,
-    sidecar_path,
     synthetic_images,
 )
+from segment_deeplab.export.runtime import (
+    METADATA_FILE,
+    ExportError,
+    onnx_runner,
+    quiet,
+    sidecar_path,
+    torchscript_module,
+)
 from segment_deeplab.infer.tta import input_multiple
+from segment_deeplab.models.inputs import pad_color, to_input
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {
@@ -79,14 +84,11 @@ class DeployModel(nn.Module):
         self.argmax = argmax
         self.stride = input_multiple(model)
         self.labels_dtype = torch.uint8 if num_classes <= 256 else torch.int64
-        mean = getattr(model, "mean", None)
-        if not isinstance(mean, torch.Tensor) or mean.numel() != 3:
-            mean = torch.tensor(MEAN_RGB, dtype=torch.float32) / 255
-        self.register_buffer("pad_color", mean.detach().float().view(1, 3, 1, 1).clone())
+        self.register_buffer("pad_color", pad_color(model).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preprocessing:
-            x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+            x = to_input(x.permute(0, 3, 1, 2))  # (B, 3, H, W) in [0, 1]
         if self.preprocessing and self.stride > 1:  # decided per model, not per input
             h, w = x.shape[-2], x.shape[-1]
             s = self.stride
@@ -141,8 +143,6 @@ def build_metadata(
     model: nn.Module, cfg: Config, ckpt: dict[str, Any], preprocessing: bool, argmax: bool
 ) -> dict[str, Any]:
     """Everything a deployment needs besides the weights, as JSON-able values."""
-    from segment_deeplab import __version__
-
     if preprocessing:
         inp = {"name": "image", "dtype": "uint8", "layout": "NHWC", "range": [0, 255]}
     else:
@@ -171,8 +171,6 @@ def build_metadata(
 
 def write_onnx(module: DeployModel, example: torch.Tensor, path: Path, opset: int, meta: dict):
     """torch.onnx.export with dynamic batch, height and width, plus metadata_props."""
-    import onnx
-
     names = ("batch", "height", "width")
     axes_in = (0, 1, 2) if module.preprocessing else (0, 2, 3)
     axes_out = (0, 1, 2) if module.argmax else (0, 2, 3)
@@ -212,60 +210,32 @@ def write_torchscript(module: DeployModel, example: torch.Tensor, path: Path, me
         torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(meta)})
 
 
-def write_safetensors(model: nn.Module, path: Path, meta: dict) -> None:
-    """The state dict at `path`, the metadata as JSON at `sidecar_path(path)`.
+def write_safetensors(model: nn.Module, path: Path, meta: dict, sidecar: Path) -> None:
+    """The state dict at `path`, the metadata as JSON at `sidecar`.
 
     The header keeps a copy of the metadata (each key a JSON string), so the weights
     file alone still says what it is.
     """
-    from safetensors.torch import save_file
-
     # clone(): safetensors refuses tensors that share storage.
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
-    sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_runner(
-    fmt: str, path: Path, module: DeployModel
+    fmt: str, path: Path, module: DeployModel, sidecar: Path | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Reload an exported file as a function of the inputs that `module` takes."""
     if fmt == "onnx":
         return onnx_runner(path, torch.device("cpu"))
     if fmt == "torchscript":
-        with quiet():
-            return torch.jit.load(str(path), map_location="cpu")
-    model, _, meta = load_safetensors(path)
+        return torchscript_module(path, torch.device("cpu"))
+    model, _, meta = load_safetensors(path, sidecar)
     return DeployModel(model, module.preprocessing, module.argmax, len(meta["classes"])).eval()
 
 
-def _atomic(
-    path: Path, write: Callable[[Path], None], check: Callable[[Path], bool], sidecar: bool
-) -> bool:
-    """write(tmp) beside `path`; rename it over `path` only if check(tmp). True if renamed.
-
-    With `sidecar`, write(tmp) also writes sidecar_path(tmp), renamed over
-    sidecar_path(path) first: once the model file appears, its JSON is there too.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    moves = [(sidecar_path(tmp), sidecar_path(path))] if sidecar else []
-    moves.append((tmp, path))
-    try:
-        write(tmp)
-        if not check(tmp):
-            return False
-        umask = os.umask(0)
-        os.umask(umask)
-        for src, dst in moves:
-            src.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-            os.replace(src, dst)
-        return True
-    finally:
-        for src, _ in moves:
-            src.unlink(missing_ok=True)
+class _Rejected(Exception):
+    """The written file failed its parity check: nothing is renamed into place."""
 
 
 def export(
@@ -318,28 +288,30 @@ def export(
     g = torch.Generator().manual_seed(0)
     example = as_input(synthetic_images(1, *TRACE_SIZE, g), preprocessing)
 
-    def write(tmp: Path) -> None:
+    parity: Parity | None = None
+    side = sidecar_path(output) if fmt == "safetensors" else None
+    # Written beside the output and renamed over it only when parity passes; for
+    # safetensors the JSON is renamed first, so once the weights appear, it is there.
+    with contextlib.suppress(_Rejected), staged(output) as tmp, contextlib.ExitStack() as stack:
+        tmp_side = stack.enter_context(staged(side)) if side is not None else None
         if fmt == "onnx":
             write_onnx(module, example, tmp, opset, meta)
         elif fmt == "torchscript":
             write_torchscript(module, example, tmp, meta)
         else:
-            write_safetensors(model, tmp, meta)
-
-    found: list[Parity] = []
-
-    def check(tmp: Path) -> bool:
-        found.append(check_parity(module, load_runner(fmt, tmp, module), batches, source))
-        return found[0].passed
-
-    written = _atomic(output, write, check, sidecar=fmt == "safetensors")
+            write_safetensors(model, tmp, meta, tmp_side)
+        runner = load_runner(fmt, tmp, module, tmp_side)
+        parity = check_parity(module, runner, batches, source)
+        if not parity.passed:
+            raise _Rejected
+    written = parity is not None and parity.passed
     return ExportResult(
         path=output if written else None,
-        sidecar=sidecar_path(output) if written and fmt == "safetensors" else None,
+        sidecar=side if written else None,
         format=fmt,
         preprocessing=preprocessing,
         argmax=argmax,
         opset=opset if fmt == "onnx" else None,
-        parity=found[0],
+        parity=parity,
         seconds=round(time.perf_counter() - start, 2),
     )

@@ -14,32 +14,34 @@ from __future__ import annotations
 
 import glob
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from segment_deeplab.data.spec import IMAGE_EXTS, ClassInfo
-from segment_deeplab.data.dataset import read_image
-from segment_deeplab.infer.tta import (
-    _model_device,
-    cpu_streams,
-    in_streams,
-    labels,
-    predict_probs,
-    prepare_model,
-)
-from segment_deeplab.classes import colorize, overlay
+from segment_deeplab.atomic import staged
+from segment_deeplab.checkpoint import load_any
+from segment_deeplab.classes import ClassInfo, colorize, overlay
+from segment_deeplab.data.decode import image_size, read_image
+from segment_deeplab.data.spec import IMAGE_EXTS
+from segment_deeplab.device import pick_device
+from segment_deeplab.infer.fold import for_inference
+from segment_deeplab.infer.streams import in_streams
+from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
 
-# EXIF orientations that turn the picture by 90 degrees (width and height swap).
-_TRANSPOSED = (5, 6, 7, 8)
+
+@dataclass
+class Predicted:
+    """One source's outcome: its image and probabilities, or why it could not be read."""
+
+    index: int  # into the sources
+    image: torch.Tensor | None = None  # uint8 (3, H, W)
+    probs: torch.Tensor | None = None  # float32 (C, H, W)
+    error: Exception | None = None
 
 
 @dataclass
@@ -106,99 +108,76 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, read from the header without decoding pixels."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in _TRANSPOSED:
-            w, h = h, w
-    return h, w
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """Decode to uint8 (3, H, W) RGB, with the EXIF orientation applied."""
-    return read_image(path, hint="")
-
-
-def _groups(items: list[tuple[int, tuple[int, int]]], batch_size: int) -> Iterator[list[int]]:
-    """Indices of same-size images, in chunks of at most `batch_size`."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, size in items:
+def _groups(sources: Sequence[Path | torch.Tensor], batch_size: int) -> Iterator[list[int]]:
+    """Indices of same-size sources in chunks of at most `batch_size`; a source whose
+    header cannot be read comes alone, to fail when it is decoded."""
+    by_size: dict[object, list[int]] = {}
+    for i, src in enumerate(sources):
+        try:
+            size = tuple(src.shape[-2:]) if torch.is_tensor(src) else image_size(src)
+        except Exception:  # unreadable header: not an image, truncated, no access
+            size = ("unreadable", i)
         by_size.setdefault(size, []).append(i)
     for idx in by_size.values():
         for k in range(0, len(idx), batch_size):
             yield idx[k : k + batch_size]
 
 
+def _predict_group(
+    model: nn.Module,
+    sources: Sequence[Path | torch.Tensor],
+    group: list[int],
+    tta: TTA,
+    dtype: torch.dtype | None,
+) -> list[Predicted]:
+    """Decode a group of sources and predict those of one size in one pass."""
+    out: list[Predicted] = []
+    loaded: list[Predicted] = []
+    for i in group:
+        try:
+            src = sources[i]
+            loaded.append(Predicted(i, src if torch.is_tensor(src) else read_image(src)))
+        except Exception as e:  # corrupt pixel data behind a valid header
+            out.append(Predicted(i, error=e))
+    # Decoded sizes match the headers; a mismatch still must not break the batch.
+    for shape in dict.fromkeys(p.image.shape for p in loaded):
+        batch = [p for p in loaded if p.image.shape == shape]
+        probs = predict_probs(model, torch.stack([p.image for p in batch]), tta, dtype)
+        for p, prob in zip(batch, probs, strict=True):
+            p.probs = prob
+            out.append(p)
+    return out
+
+
 def predict_groups(
     model: nn.Module,
     sources: Sequence[Path | torch.Tensor],
     batch_size: int = 1,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
-    on_error: Callable[[int, Exception], None] | None = None,
-    amp: str = "auto",
+    tta: TTA = PLAIN,
+    dtype: torch.dtype | None = None,
     streams: int | None = None,
-    then: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,
-) -> Iterator[Any]:
+) -> Iterator[Predicted]:
     """Probabilities of images, those of the same size predicted together.
 
     Args:
-        model: in eval mode on its device (see `prepare_model`).
+        model: in eval mode on its device (see `fold.for_inference`).
         sources: image files, decoded one batch at a time (a long list never sits in
             memory whole), or uint8 (3, H, W) tensors.
         batch_size: most images per forward pass.
-        scales, flip, window, amp: TTA and precision, see `predict_probs`.
-        on_error: called with (index, exception) for a source that cannot be read,
-            which is then skipped; None: the exception propagates.
-        streams: batches decoded and predicted at once, each in its own thread
-            (`inference.in_streams`); None: `inference.cpu_streams`.
-        then: called in the stream with (index, image, probabilities) of each image
-            (e.g. to write files while the other stream predicts); what it returns is
-            yielded instead of the tuple.
+        tta, dtype: test-time options and the forward pass's autocast dtype.
+        streams: override `in_streams`' choice of how many batches run at once.
 
     Yields:
-        (index into `sources`, image uint8 (3, H, W), probabilities (C, H, W)), or what
-        `then` makes of them, grouped by size rather than in input order.
+        One `Predicted` per source (with `error` set for one that cannot be read),
+        grouped by size rather than in input order.
     """
-
-    def failed(i: int, e: Exception) -> None:
-        if on_error is None:
-            raise e
-        on_error(i, e)
-
-    def run(group: list[int]) -> list[Any]:
-        loaded: list[tuple[int, torch.Tensor]] = []
-        for i in group:
-            src = sources[i]
-            try:
-                loaded.append((i, src if torch.is_tensor(src) else load_image(src)))
-            except Exception as e:  # corrupt pixel data behind a valid header
-                failed(i, e)
-        out = []
-        # Decoded sizes match the headers; a mismatch still must not break the batch.
-        for shape in dict.fromkeys(t.shape for _, t in loaded):
-            batch = [(i, t) for i, t in loaded if t.shape == shape]
-            images = torch.stack([t for _, t in batch])
-            probs = predict_probs(model, images, scales, flip, window, amp=amp)
-            for (i, image), p in zip(batch, probs, strict=True):
-                out.append((i, image, p) if then is None else then(i, image, p))
-        return out
-
-    sized: list[tuple[int, tuple[int, int]]] = []
-    for i, src in enumerate(sources):
-        try:
-            sized.append((i, tuple(src.shape[-2:]) if torch.is_tensor(src) else image_size(src)))
-        except Exception as e:  # unreadable header: not an image, truncated, no access
-            failed(i, e)
-    if streams is None:
-        streams = cpu_streams(_model_device(model), model)
-    for done in in_streams(run, list(_groups(sized, max(1, batch_size))), streams):
+    groups = list(_groups(sources, max(1, batch_size)))
+    run = lambda g: _predict_group(model, sources, g, tta, dtype)  # noqa: E731
+    for done in in_streams(run, groups, model, streams):
         yield from done
 
 
-def _write(
+def write_prediction(
     out: Path,
     stem: str,
     image: torch.Tensor,
@@ -207,14 +186,18 @@ def _write(
     ignore_index: int,
     save_probs: bool,
 ) -> Path:
+    """`<stem>.png`, `<stem>_overlay.jpg` (and `<stem>_probs.npy`) in `out`."""
     pred = labels(probs[None])[0].to(torch.uint8).cpu().numpy()  # (H, W)
     mask_path = out / f"{stem}.png"
-    colorize(pred, classes, ignore_index).save(mask_path)
-    overlay(image, pred, classes, ignore_index=ignore_index).save(
-        out / f"{stem}_overlay.jpg", quality=90
-    )
+    with staged(mask_path) as tmp:
+        colorize(pred, classes, ignore_index).save(tmp, format="PNG")
+    with staged(out / f"{stem}_overlay.jpg") as tmp:
+        overlay(image, pred, classes, ignore_index=ignore_index).save(
+            tmp, format="JPEG", quality=90
+        )
     if save_probs:
-        np.save(out / f"{stem}_probs.npy", probs.to(torch.float16).cpu().numpy())
+        with staged(out / f"{stem}_probs.npy") as tmp, tmp.open("wb") as f:
+            np.save(f, probs.to(torch.float16).cpu().numpy())
     return mask_path
 
 
@@ -224,23 +207,21 @@ def predict(
     output: str | Path,
     classes: Sequence[ClassInfo],
     ignore_index: int = 255,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
+    tta: TTA = PLAIN,
     batch_size: int = 1,
     save_probs: bool = False,
     progress: bool = True,
-    amp: str = "auto",
+    dtype: torch.dtype | None = None,
     streams: int | None = None,
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
     Args:
-        model: in eval mode on its device (see `prepare_model`).
+        model: in eval mode on its device (see `fold.for_inference`).
         inputs: files, folders and glob patterns.
         classes: the checkpoint's classes (colours, names for the legend).
         batch_size: images of the same size are predicted together.
-        streams: batches predicted and written at once (see `predict_groups`).
+        dtype, streams: see `predict_groups`.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,31 +229,17 @@ def predict(
     result = PredictResult(failed=list(failed))
     stems = output_stems(paths)
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
-
-    lock = threading.Lock()  # `skip` runs in the streams, the loop below in this thread
-
-    def skip(i: int, e: Exception) -> None:
-        with lock:
-            result.failed.append((paths[i].name, _reason(e)))
-            bar.update(1)
-
-    def write(i: int, image: torch.Tensor, p: torch.Tensor) -> tuple[int, Path | str]:
-        """In the stream that predicted it: the mask path, or why it could not be written."""
-        try:
-            return i, _write(out, stems[i], image, p, classes, ignore_index, save_probs)
-        except OSError as e:  # disk full, permissions: report, keep going
-            return i, _reason(e)
-
-    options = {"scales": scales, "flip": flip, "window": window, "amp": amp, "streams": streams}
-    for i, written in predict_groups(
-        model, paths, batch_size, **options, on_error=skip, then=write
-    ):
-        with lock:
-            if isinstance(written, Path):
-                result.written.append(written)
-            else:
-                result.failed.append((paths[i].name, written))
-            bar.update(1)
+    for p in predict_groups(model, paths, batch_size, tta, dtype, streams):
+        name = paths[p.index].name
+        if p.error is not None:
+            result.failed.append((name, _reason(p.error)))
+        else:
+            try:
+                args = (out, stems[p.index], p.image, p.probs, classes, ignore_index)
+                result.written.append(write_prediction(*args, save_probs))
+            except OSError as e:  # disk full, permissions: report, keep going
+                result.failed.append((name, _reason(e)))
+        bar.update(1)
     bar.close()
     return result
 
@@ -282,12 +249,14 @@ def run_predict(
     inputs: Sequence[str | Path],
     output: str | Path,
     device: str = "auto",
+    amp: str = "auto",
     **options,
 ) -> PredictResult:
     """Load a model (run folder, checkpoint or export) and `predict` with its classes."""
-    from segment_deeplab.device import pick_device
-    from segment_deeplab.export.parity import load_for_inference
-
     dev = pick_device(device)
-    model, classes, ignore = load_for_inference(checkpoint, dev)
-    return predict(prepare_model(model, dev), inputs, output, classes, ignore, **options)
+    loaded = load_any(checkpoint, dev)
+    model = for_inference(loaded.model, dev)
+    dtype = forward_dtype(model, amp, dev)
+    return predict(
+        model, inputs, output, loaded.classes, loaded.ignore_index, dtype=dtype, **options
+    )

@@ -11,7 +11,7 @@ import torch.nn as nn
 from segment_deeplab.config import ModelConfig
 from segment_deeplab.models.backbones import VARIANTS, ModelError
 from segment_deeplab.models.deeplab import DeepLabV3, DeepLabV3Plus
-from segment_deeplab.models.init import InitSummary, load_init_checkpoint, load_pretrained
+from segment_deeplab.models.init import InitSummary, load_pretrained
 
 # Architecture name -> class; build_model picks by decoder_output_stride (None: v3).
 MODELS: dict[str, type[DeepLabV3]] = {"deeplabv3": DeepLabV3, "deeplabv3plus": DeepLabV3Plus}
@@ -24,16 +24,16 @@ __all__ = [
     "InitSummary",
     "ModelError",
     "build_model",
-    "load_init_checkpoint",
     "load_pretrained",
 ]
 
 
 def build_model(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
-    """Build DeepLabV3 (decoder_output_stride None) or DeepLabV3Plus, then initialise it.
+    """Build DeepLabV3 (decoder_output_stride None) or DeepLabV3Plus.
 
-    `cfg.pretrained` loads timm's named weights, then `cfg.init_checkpoint` a local file;
-    each prints a one-line summary of what was loaded (names too when `verbose`).
+    `cfg.pretrained` loads timm's named weights and prints a one-line summary of what was
+    loaded (names too when `verbose`). `cfg.init_checkpoint` is a file for the training
+    setup to read (`checkpoint.load_init_checkpoint`); building never reads files.
 
     Raises:
         ModelError: a setting that cannot be built, or weights that cannot be loaded.
@@ -42,6 +42,4 @@ def build_model(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
     model = MODELS[arch](cfg)
     if cfg.pretrained:
         print(load_pretrained(model, verbose))
-    if cfg.init_checkpoint:
-        print(load_init_checkpoint(model, cfg.init_checkpoint, verbose))
     return model

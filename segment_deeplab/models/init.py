@@ -1,5 +1,6 @@
-"""Initialise a model from timm's pretrained weights or from a local weights file.
+"""Initialise a model from timm's pretrained weights or from the tensors of a weights file.
 
+(`checkpoint.load_init_checkpoint` reads the file; this module matches its tensors.)
 A local file may be a segment-deeplab checkpoint, a timm or torchvision backbone state
 dict, or a whole-model state dict in a common container ({'state_dict': ...},
 'module.' prefixes). Tensors are matched by name and shape: against the whole model
@@ -13,20 +14,17 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from segment_deeplab.checkpoint import CheckpointError, is_project_checkpoint, load_file
 from segment_deeplab.models.backbones import ModelError, create_features
 
 # Where training code keeps the state dict inside a saved dict.
 CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "net", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 BACKBONE = "backbone."
-TF_SUFFIXES = (".ckpt", ".index", ".meta", ".pb", ".h5")
 
 
 @dataclass
@@ -78,9 +76,8 @@ def _strip_wrappers(key: str) -> str:
 
 
 def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a saved dict: project checkpoint, container or plain state dict."""
-    if is_project_checkpoint(obj):
-        obj = obj["model"]
+    """The tensors of a saved dict: project checkpoint (its "model"), container or plain
+    state dict, with DDP's and torch.compile's key prefixes taken off."""
     for _ in range(3):  # nested containers, e.g. {'model': {'state_dict': ...}}
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             break
@@ -184,24 +181,6 @@ def load_state_dict_loose(
         by_order=by_order,
         verbose=verbose,
     )
-
-
-def load_init_checkpoint(model: nn.Module, path: str | Path, verbose: bool = False) -> InitSummary:
-    """Initialise `model` from a local .pt/.pth/.bin/.safetensors file (see module doc)."""
-    path = Path(path)
-    if path.suffix in TF_SUFFIXES or ".data-" in path.name:
-        raise ModelError(
-            f"{path} looks like a TensorFlow/Keras checkpoint, which cannot be read; use "
-            "model.pretrained=true (timm's ports of the ImageNet weights) or a PyTorch file"
-        )
-    try:
-        obj = load_file(path)
-    except CheckpointError as e:
-        raise ModelError(f"model.init_checkpoint: {e}") from e
-    source = unwrap_state_dict(obj)
-    if not source:
-        raise ModelError(f"{path} holds no tensors (keys: {list(obj)[:5]})")
-    return load_state_dict_loose(model, source, path.name, verbose)
 
 
 def _offline_help(name: str) -> str:

@@ -12,14 +12,23 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from segment_deeplab.checkpoint import CheckpointError, load_model
 from segment_deeplab.classes import colorize
+from segment_deeplab.data.dataset import SegmentationFolder
+from segment_deeplab.data.spec import DatasetError
+from segment_deeplab.device import pick_device
+from segment_deeplab.infer.fold import for_inference
+from segment_deeplab.infer.tta import TTA, forward_dtype, labels, predict_probs, tta_from
+from segment_deeplab.metrics import image_miou
 from segment_deeplab.report.runfolder import RunData
+
+# metrics.json's forward_dtype -> the amp setting that gives it
+_AMP_OF = {"float32": "off", "bfloat16": "bf16", "float16": "fp16"}
 
 # Most val images predicted to rank them when eval's per_image.csv is missing.
 RANK_LIMIT = 64
@@ -96,20 +105,16 @@ def render_row(data: RunData, stem: str, miou: float, image, truth, pred) -> Row
     )
 
 
-def _tta(data: RunData) -> dict[str, Any]:
-    """eval's test-time options, so the shown predictions are the ones it ranked."""
+def _eval_options(data: RunData) -> tuple[TTA, str]:
+    """eval's test-time options and precision, so the shown predictions are the ones it
+    ranked."""
     m = data.eval_metrics or {}
-    return {
-        "scales": m.get("scales") or (1.0,),
-        "flip": bool(m.get("flip")),
-        "window": m.get("window"),
-    }
+    amp = _AMP_OF.get(str(m.get("forward_dtype")), "auto")
+    return tta_from(m.get("scales"), m.get("flip"), m.get("window")), amp
 
 
-def _predict(model, image: torch.Tensor, tta: dict[str, Any]) -> torch.Tensor:
-    from segment_deeplab.infer.tta import labels, predict_probs
-
-    return labels(predict_probs(model, image, **tta))[0].cpu()  # (H, W)
+def _predict(model, image: torch.Tensor, tta: TTA, dtype) -> torch.Tensor:
+    return labels(predict_probs(model, image, tta, dtype))[0].cpu()  # (H, W)
 
 
 def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:
@@ -119,19 +124,16 @@ def _pick(ranked: list[tuple[str, float]], count: int) -> tuple[list, list]:
     return ranked[:k], ranked[max(k, len(ranked) - count) :][::-1]
 
 
-def _rank_val(data: RunData, model) -> tuple[list[tuple[str, float]], str]:
+def _rank_val(data: RunData, model, dtype) -> tuple[list[tuple[str, float]], str]:
     """(stem, per-image mIoU) best first over at most RANK_LIMIT evenly spaced val images."""
-    from segment_deeplab.data.dataset import SegmentationFolder
-    from segment_deeplab.metrics import image_miou
-
-    stems = data.spec.split_stems("val")
+    stems = data.spec.read_split("val")
     sample = stems[:: max(1, math.ceil(len(stems) / RANK_LIMIT))]
     folder = SegmentationFolder(data.spec, stems=sample)
     ranked = []
     for i, stem in enumerate(sample):
         image, truth = folder.load(i)
         miou = image_miou(
-            truth, _predict(model, image, {}), data.spec.num_classes, data.ignore_index
+            truth, _predict(model, image, TTA(), dtype), data.spec.num_classes, data.ignore_index
         )
         if miou is not None:  # every pixel ignored
             ranked.append((stem, miou))
@@ -146,12 +148,6 @@ def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Galler
     Raises:
         GalleryMissing: no dataset, no checkpoint, no val split or a class mismatch.
     """
-    from segment_deeplab.checkpoint import CheckpointError, load_model
-    from segment_deeplab.data.spec import DatasetError
-    from segment_deeplab.data.dataset import SegmentationFolder
-    from segment_deeplab.device import pick_device
-    from segment_deeplab.infer.tta import prepare_model
-
     if data.spec is None:
         raise GalleryMissing(f"the val images: {data.notes.get('dataset', 'no dataset')}")
     from_eval = bool(data.per_image)
@@ -170,21 +166,24 @@ def build_gallery(data: RunData, count: int = 4, device: str = "auto") -> Galler
             f"the gallery: the checkpoint's classes {names} differ from the dataset's "
             f"{data.spec.class_names}"
         )
-    model = prepare_model(model, pick_device(device))
+    dev = pick_device(device)
+    model = for_inference(model, dev)
+    tta, amp = _eval_options(data) if from_eval else (TTA(), "auto")
+    dtype = forward_dtype(model, amp, dev)
     try:
         if from_eval:
-            ranked, tta = sorted(data.per_image, key=lambda r: -r[1]), _tta(data)
+            ranked = sorted(data.per_image, key=lambda r: -r[1])
             split = (data.eval_metrics or {}).get("split", "?")
             source = f"per-image mIoU of all {len(ranked)} {split} images in {data.eval_dir}"
         else:
-            ranked, source = _rank_val(data, model)
-            tta = {}
+            ranked, source = _rank_val(data, model, dtype)
         best, worst = _pick(ranked, count)
         folder = SegmentationFolder(data.spec, stems=[s for s, _ in best + worst])
         rows = []
         for i, (stem, miou) in enumerate(best + worst):
             image, truth = folder.load(i)
-            rows.append(render_row(data, stem, miou, image, truth, _predict(model, image, tta)))
+            pred = _predict(model, image, tta, dtype)
+            rows.append(render_row(data, stem, miou, image, truth, pred))
     except DatasetError as e:
         raise GalleryMissing(f"the val images: {e}") from e
     finally:

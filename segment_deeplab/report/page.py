@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
-from html import escape, unescape
+from html import escape
 from pathlib import Path
 
 from segment_deeplab import __version__
+from segment_deeplab.atomic import write_text
 from segment_deeplab.report import sections
 from segment_deeplab.report.gallery import GalleryMissing, build_gallery
 from segment_deeplab.report.runfolder import RunData, read_run
 from segment_deeplab.report.style import CSS
+from segment_deeplab.train.schedule import parse_duration
 
 
 @dataclass
@@ -22,12 +23,7 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the HTML (atomically: a reader never sees half a page)."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(self.html, encoding="utf-8")
-        tmp.replace(out)
-        return out
+        return write_text(path, self.html)
 
 
 def _tile(key: str, value: str, detail: str = "") -> str:
@@ -46,8 +42,6 @@ def _duration(seconds: float | None) -> str:
 
 def _progress(data: RunData) -> tuple[str, str, str | None]:
     """(steps trained, time trained, a note when the run is short of its planned length)."""
-    from segment_deeplab.train.schedule import parse_duration
-
     last = data.checkpoints.get("last.pt") or next(iter(data.checkpoints.values()), {})
     step = last.get("step") or (data.train[-1]["step"] if data.train else None)
     if step is None:
@@ -131,7 +125,6 @@ def build_report(
             _pair(sections.class_table(data), sections.config(data)),
         ]
     )
-    missing = [_text(p) for p in body.split('<p class="missing">')[1:]]
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     run = Path(run_dir)
     html = (
@@ -144,19 +137,12 @@ def build_report(
         f"{body}<footer>segment-deeplab {__version__} &middot; deeplab report RUN_DIR</footer>"
         "</main></body></html>\n"
     )
-    return Report(html, missing)
+    return Report(html, data.missing)
 
 
 def _pair(left: str, right: str) -> str:
     """Two sections side by side (stacked on narrow screens)."""
     return f'<div class="pair">{left}{right}</div>'
-
-
-def _text(fragment: str) -> str:
-    """The plain text of a "missing: ..." note, commands in backticks."""
-    text = fragment.split("</p>", 1)[0].replace("<code>", "`").replace("</code>", "`")
-    text = unescape(re.sub(r"<[^>]+>", "", text)).strip()
-    return text.removeprefix("missing: ")
 
 
 def write_report(

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from segment_deeplab.data.spec import ClassInfo, DatasetSpec
+from segment_deeplab.checkpoint import CheckpointError, read_meta
+from segment_deeplab.classes import ClassInfo, from_dicts
+from segment_deeplab.data.spec import DatasetError, DatasetSpec, open_dataset
 
 CHECKPOINTS = ("best.pt", "last.pt")
 
@@ -41,6 +42,7 @@ class RunData:
     confusion: tuple[list[str], np.ndarray] | None = None
     per_image: list[tuple[str, float]] | None = None
     notes: dict[str, str] = field(default_factory=dict)  # piece -> why it is missing
+    missing: list[str] = field(default_factory=list)  # what the report could not show
 
     @property
     def checkpoint(self) -> Path | None:
@@ -78,14 +80,9 @@ def read_metrics_log(path: Path) -> tuple[list[dict], list[dict], int]:
 def checkpoint_meta(path: Path) -> dict[str, Any] | None:
     """A checkpoint's dict without its weights, or None when it cannot be read."""
     try:
-        # mmap: the weights are never read from disk, only the small entries.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any unreadable file is reported as missing
+        return read_meta(path)
+    except CheckpointError:  # any unreadable file is reported as missing
         return None
-    if not isinstance(obj, dict) or "classes" not in obj:
-        return None
-    keep = ("step", "elapsed_s", "best_miou", "config", "classes", "ignore_index")
-    return {k: obj.get(k) for k in (*keep, "dataset_path", "dataset_hash")}
 
 
 def find_eval_dir(run: Path) -> Path | None:
@@ -137,8 +134,6 @@ def read_eval(eval_dir: Path, data: RunData) -> None:
 
 def _open_dataset(data: RunData) -> None:
     """The dataset from eval's record, the checkpoint's, or the run's own dataset.yaml."""
-    from segment_deeplab.data.spec import DatasetError, open_dataset
-
     refs = []
     if data.eval_metrics and data.eval_metrics.get("dataset"):
         refs.append(str(data.eval_metrics["dataset"]))
@@ -193,7 +188,7 @@ def read_run(run_dir: str | Path, eval_dir: str | Path | None = None) -> RunData
         data.config_text = yaml.safe_dump(data.config, sort_keys=False) if data.config else None
     if data.checkpoints:
         meta = next(iter(data.checkpoints.values()))
-        data.classes = [ClassInfo(c["id"], c["name"], tuple(c["color"])) for c in meta["classes"]]
+        data.classes = from_dicts(meta["classes"])
         data.ignore_index = int(meta.get("ignore_index", 255))
     _open_dataset(data)
     if data.spec is not None and not data.classes:

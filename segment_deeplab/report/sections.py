@@ -12,6 +12,7 @@ from html import escape
 
 import numpy as np
 
+from segment_deeplab.classes import heat_color
 from segment_deeplab.report import svg
 from segment_deeplab.report.gallery import Gallery, GalleryMissing, Row
 from segment_deeplab.report.runfolder import RunData
@@ -25,7 +26,9 @@ def section(sid: str, title: str, body: str, source: str = "") -> str:
     return f'<section id="{sid}"><h2>{escape(title)}</h2>{src}{body}</section>'
 
 
-def missing(what: str, command: str | None = None) -> str:
+def missing(data: RunData, what: str, command: str | None = None) -> str:
+    """A "missing: ..." note; its text also goes to `data.missing` (the CLI prints it)."""
+    data.missing.append(f"{what} (run `{command}` to add it)" if command else what)
     fix = f" (run <code>{escape(command)}</code> to add it)" if command else ""
     return f'<p class="missing">missing: {escape(what)}{fix}</p>'
 
@@ -49,7 +52,7 @@ def curves(data: RunData) -> str:
         lr = svg.Series("lr", steps, [r.get("lr") for r in data.train], svg.LINE_COLORS[1])
         charts.append(svg.line_chart([lr], "learning rate", y_range=(0, None)))
     else:
-        notes.append(missing("training loss and learning rate: no training step logged yet"))
+        notes.append(missing(data, "training loss and learning rate: no training step logged yet"))
     if data.val:
         steps = [r["step"] for r in data.val]
         series = [svg.Series("mIoU", steps, [r.get("miou") for r in data.val], svg.LINE_COLORS[2])]
@@ -65,8 +68,9 @@ def curves(data: RunData) -> str:
         every = (data.config.get("train") or {}).get("val_every", "train.val_every")
         notes.append(
             missing(
+                data,
                 f"validation curves: no validation yet (it runs every {every} steps and at "
-                "the end of training, on the dataset's val split)"
+                "the end of training, on the dataset's val split)",
             )
         )
     source = "from metrics.jsonl" + (f"; {data.notes['log']}" if "log" in data.notes else "")
@@ -111,7 +115,7 @@ def class_iou(data: RunData) -> str:
         iou, names = last["iou"], last.get("class_names") or [c.name for c in data.classes]
         source = f"validation at step {last['step']} (metrics.jsonl)"
     else:
-        body = missing("per-class IoU: no validation or evaluation yet", eval_command(data))
+        body = missing(data, "per-class IoU: no validation or evaluation yet", eval_command(data))
         return section("class-iou", "Per-class IoU", body)
     shares, share_src = _shares(data)
     colors = {c.name: c.color for c in data.classes}
@@ -122,14 +126,13 @@ def class_iou(data: RunData) -> str:
 
 
 def _heat(v: float) -> tuple[str, str]:
-    lo, hi = np.array([255, 255, 255]), np.array([8, 48, 107])
-    r, g, b = (lo + (hi - lo) * v).round().astype(int)
+    r, g, b = heat_color(v)
     return f"rgb({r},{g},{b})", "#fff" if v > 0.5 else "#1d2430"
 
 
 def confusion(data: RunData) -> str:
     if data.confusion is None:
-        body = missing("the confusion matrix: no evaluation output", eval_command(data))
+        body = missing(data, "the confusion matrix: no evaluation output", eval_command(data))
         return section("confusion", "Confusion matrix", body)
     names, mat = data.confusion
     png = data.eval_dir / "confusion_matrix.png"
@@ -164,7 +167,9 @@ def confusion(data: RunData) -> str:
 
 def class_table(data: RunData) -> str:
     if not data.classes:
-        return section("classes", "Classes", missing("the class list: no checkpoint or dataset"))
+        return section(
+            "classes", "Classes", missing(data, "the class list: no checkpoint or dataset")
+        )
     stats = {c["id"]: c for c in ((data.spec.stats if data.spec else {}).get("classes") or [])}
     iou = (data.eval_metrics or {}).get("iou") or (data.val[-1].get("iou") if data.val else None)
     head = ["id", "", "class", "colour", "pixel share", "images", "IoU"]
@@ -188,7 +193,9 @@ def class_table(data: RunData) -> str:
         source += f" ({_pct(ign)} of pixels)" if ign is not None else ""
     body = f'<table class="classes">{"".join(lines)}</table>'
     if not stats:
-        body += missing("class statistics", f"deeplab prepare {data.dataset_ref or 'DATASET'}")
+        body += missing(
+            data, "class statistics", f"deeplab prepare {data.dataset_ref or 'DATASET'}"
+        )
     return section("classes", "Classes", body, source)
 
 
@@ -199,7 +206,7 @@ def _num(h: str) -> str:
 def config(data: RunData) -> str:
     if not data.config_text:
         return section(
-            "config", "Config", missing("the run's config: no config.yaml, no checkpoint")
+            "config", "Config", missing(data, "the run's config: no config.yaml, no checkpoint")
         )
     source = "config.yaml of the run" if (data.run_dir / "config.yaml").is_file() else "checkpoint"
     return section("config", "Config", f"<pre>{escape(data.config_text)}</pre>", source)
@@ -226,10 +233,10 @@ def gallery(data: RunData, result: Gallery | GalleryMissing | None) -> str:
         return section(
             "gallery",
             "Best and worst validation images",
-            missing("the gallery: turned off (--gallery 0)"),
+            missing(data, "the gallery: turned off (--gallery 0)"),
         )
     if isinstance(result, GalleryMissing):
-        body = missing(str(result), eval_command(data))
+        body = missing(data, str(result), eval_command(data))
         return section("gallery", "Best and worst validation images", body)
     head = "".join(
         f'<div class="h">{h}</div>'

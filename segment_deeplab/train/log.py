@@ -10,7 +10,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
+from segment_deeplab.classes import overlay
 from segment_deeplab.data.spec import DatasetSpec
+from segment_deeplab.infer.tta import predict_labels
 
 
 def log_jsonl(path: Path, record: dict) -> None:
@@ -75,11 +79,6 @@ class RunLog:
         """A few validation predictions as TensorBoard images (ground truth | prediction)."""
         if not self.active or self.writer is None or val_set is None:
             return
-        import numpy as np
-
-        from segment_deeplab.infer.tta import predict_labels
-        from segment_deeplab.classes import overlay
-
         was_training = model.training
         model.eval()
         for i in range(min(count, len(val_set))):

@@ -1,54 +1,33 @@
-"""The pieces of a training run that outlive a process: model setup, optimizer,
-precision, and the checkpoint that lets `--resume` continue exactly where it stopped.
-"""
+"""Everything a training run is made of before its first step: the model (initialised,
+batch norm frozen or synced, wrapped for DDP), optimizer, precision, loss, data and
+length; `setup_run` assembles them, resuming from last.pt when asked."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from segment_deeplab.checkpoint import FORMAT, CheckpointError, load_file
-from segment_deeplab.config import Config, ConfigError, TrainConfig
+from segment_deeplab import checkpoint
+from segment_deeplab import device as devices
+from segment_deeplab.config import Config, ConfigError, TrainConfig, save_config
+from segment_deeplab.data.dataset import SegmentationFolder, build_loader
 from segment_deeplab.data.spec import DatasetSpec
-from segment_deeplab.device import DistInfo
+from segment_deeplab.data.transforms import eval_transforms
+from segment_deeplab.losses import build_loss, prior_logit_bias
+from segment_deeplab.train import schedule
+from segment_deeplab.train.resume import RunState, check_resume, load_run_state
 
 # Below this per-device batch, batch-norm statistics are too noisy to fine-tune
 # (TF DeepLab's fine_tune_batch_norm advice); pretrained statistics are kept instead.
 MIN_BN_BATCH = 8
 
 
-def has_amx() -> bool:
-    """CPUs with AMX gain from bf16; others run it slower than fp32."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def resolve_amp(
-    amp: str, device: torch.device
-) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Pick the autocast dtype (None = fp32) and a grad scaler for fp16."""
-    if amp == "off":
-        return None, None
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            amp = "bf16" if has_amx() else "off"
-        if amp == "off":
-            return None, None
-    if amp == "bf16":
-        return torch.bfloat16, None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
-        return torch.float16, torch.amp.GradScaler("cuda")
-    raise ConfigError(f"train.amp must be auto, off, bf16 or fp16, not {amp!r}")
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, ...); the last good checkpoint is kept."""
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -59,22 +38,12 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
-def prepare_model(
-    cfg: Config, info: DistInfo, from_checkpoint: bool, verbose: bool = False
-) -> tuple[nn.Module, bool]:
-    """Build the model, decide on frozen batch norm, move it, wrap it for DDP."""
-    from segment_deeplab.models import build_model
-
-    mc = cfg.model
-    if from_checkpoint:  # weights come from last.pt; never download or re-read init files
-        mc = Config.from_dict(cfg.to_dict()).model
-        mc.pretrained, mc.init_checkpoint = False, None
-    model = build_model(mc, verbose=verbose) if verbose else build_model(mc)
+def _decide_freeze_bn(cfg: Config, synced: bool) -> bool:
+    """train.freeze_bn, or frozen when fine-tuning with a per-device batch under 8."""
     initialised = cfg.model.pretrained or cfg.model.init_checkpoint is not None
     freeze_bn = cfg.train.freeze_bn
     if freeze_bn is None:
         freeze_bn = initialised and cfg.data.batch_size < MIN_BN_BATCH
-    synced = info.enabled and info.world_size > 1 and info.device.type == "cuda"
     if not freeze_bn and cfg.data.batch_size < 2 and cfg.model.image_pooling and not synced:
         raise ConfigError(
             "data.batch_size=1 cannot train batch norm: the image-pooling branch sees one "
@@ -82,12 +51,26 @@ def prepare_model(
             "start from weights (--init-checkpoint or --pretrained: batch norm is then "
             "frozen at small batches), or set train.freeze_bn=true"
         )
+    return freeze_bn
+
+
+def build_train_model(
+    cfg: Config, info: devices.DistInfo, from_checkpoint: bool, verbose: bool = False
+) -> tuple[nn.Module, bool]:
+    """Build and initialise the model, decide on frozen batch norm, move it, wrap it for
+    DDP. Returns (model, whether batch norm is frozen)."""
+    mc = Config.from_dict(cfg.to_dict()).model
+    if from_checkpoint:  # weights come from last.pt; never download or re-read init files
+        mc.pretrained, mc.init_checkpoint = False, None
+    model = checkpoint.build_initialised(mc, verbose)
+    synced = info.enabled and info.device.type == "cuda"
+    freeze_bn = _decide_freeze_bn(cfg, synced)
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 for p in m.parameters():
                     p.requires_grad_(False)
-    elif info.enabled and info.device.type == "cuda":  # SyncBatchNorm is GPU-only
+    elif synced:  # SyncBatchNorm is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     if cfg.train.channels_last:
@@ -115,98 +98,102 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     raise ConfigError(f"train.optimizer must be sgd or adamw, not {cfg.optimizer!r}")
 
 
-def make_checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    cfg: Config,
-    spec: DatasetSpec,
-    step: int,
-    elapsed: float,
-    best: float | None,
-) -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "format": FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng,
-        "step": step,
-        "elapsed_s": elapsed,
-        "best_miou": best,
-        "config": cfg.to_dict(),
-        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in spec.classes],
-        "ignore_index": spec.ignore_index,
-        "dataset_hash": spec.hash,
-        "dataset_path": str(spec.path) if spec.path else None,
-    }
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs its gradients scaled; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 @dataclass
-class RunState:
-    checkpoint: dict[str, Any]
-    path: Path
+class Run:
+    """A training run, set up: what the loop reads and updates."""
 
-    def restore(self, model: nn.Module, optimizer, scaler) -> tuple[int, float, float | None]:
-        """Load weights, optimizer and RNG state; return (step, elapsed seconds, best mIoU)."""
-        ck = self.checkpoint
-        target = model.module if hasattr(model, "module") else model
-        target.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        rng = ck.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        return int(ck["step"]), float(ck.get("elapsed_s", 0.0)), ck.get("best_miou")
+    cfg: Config
+    spec: DatasetSpec
+    out: Path
+    info: devices.DistInfo
+    model: nn.Module  # as trained (DDP-wrapped under torchrun)
+    train_model: nn.Module  # `model`, or its torch.compile'd form
+    freeze_bn: bool
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    loss_fn: object
+    sampler: schedule.EpochBatchSampler
+    loader: DataLoader
+    val_set: SegmentationFolder | None
+    total: int | None  # steps, None when only a time budget bounds the run
+    budget: float | None  # seconds
+    step: int = 0
+    elapsed: float = 0.0
+    best: float | None = None
+    last_path: Path | None = None
+
+    def progress(self) -> float:
+        return schedule.progress(self.step, self.total, self.elapsed, self.budget)
+
+    def save(self, name: str) -> Path:
+        """last.pt (with the training state) or best.pt (weights only), on rank 0."""
+        args = (self.optimizer, self.scaler, self.cfg, self.spec, self.step, self.elapsed)
+        ckpt = checkpoint.training_checkpoint(self.model, *args, self.best)
+        if name == "best.pt":  # weights only: best.pt is for eval and export
+            ckpt = checkpoint.without_training_state(ckpt)
+        if self.info.is_main:
+            checkpoint.save(ckpt, self.out / name)
+        return self.out / name
 
 
-def load_run_state(run_dir: Path, device: torch.device) -> RunState:
-    path = run_dir / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(
-            f"nothing to resume in {run_dir}: no last.pt (start a new run with --output instead)"
+def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState | None:
+    if resume:
+        state = load_run_state(out, info.device)
+        check_resume(state.checkpoint, cfg, spec)
+        return state
+    if info.is_main and (out / "last.pt").exists():
+        raise TrainingError(
+            f"{out} already holds a run (last.pt); continue it with --resume {out}, "
+            "or choose another --output"
         )
-    ck = load_file(path, map_location=device)
-    if ck.get("format") != FORMAT or "optimizer" not in ck:
-        raise CheckpointError(f"{path} is not a resumable segment-deeplab training checkpoint")
-    return RunState(ck, path)
+    return None
 
 
-def _diff(old: dict, new: dict, prefix: str) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [
-        f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    ]
-
-
-def check_resume(ckpt: dict[str, Any], cfg: Config, spec: DatasetSpec) -> None:
-    """Refuse to resume with another model, data pipeline or dataset; list the differences."""
-    old = Config.from_dict(ckpt["config"])
-    old.model.num_classes = cfg.model.num_classes or old.model.num_classes
-    ignore = {"pretrained", "init_checkpoint", "logit_bias"}
-    om = {k: v for k, v in vars(old.model).items() if k not in ignore}
-    nm = {k: v for k, v in vars(cfg.model).items() if k not in ignore}
-    diffs = _diff(om, nm, "model.")
-    diffs += _diff(
-        {"batch_size": old.data.batch_size, "seed": old.train.seed},
-        {"batch_size": cfg.data.batch_size, "seed": cfg.train.seed},
-        "",
+def setup_run(
+    cfg: Config, spec: DatasetSpec, out: Path, resume: bool, device: str, verbose: bool
+) -> Run:
+    """Model, optimizer, data and length of a run in `out` (restored from last.pt when
+    resuming); the resolved config is written to `out`."""
+    info = devices.setup(device)
+    cfg.model.num_classes = spec.num_classes
+    tc = cfg.train
+    class_pixels = spec.stats.get("class_pixels")
+    if cfg.model.logit_bias is None:  # class weights' shift, taken out at inference
+        cfg.model.logit_bias = prior_logit_bias(tc, spec.num_classes, class_pixels)
+    state = _resume_state(out, resume, cfg, spec, info)
+    torch.manual_seed(tc.seed)  # same initial weights on every rank
+    model, freeze_bn = build_train_model(cfg, info, state is not None, verbose)
+    optimizer = build_optimizer(model, tc)
+    dtype = devices.autocast_dtype(tc.amp, info.device)
+    scaler = grad_scaler(dtype, info.device)
+    n_train = len(spec.read_split("train"))
+    sampler = schedule.EpochBatchSampler(
+        n_train, cfg.data.batch_size, tc.seed, info.rank, info.world_size
     )
-    classes = [c["name"] for c in ckpt.get("classes", [])]
-    if classes != spec.class_names:
-        diffs.append(f"classes: {classes} -> {spec.class_names}")
-    if ckpt.get("dataset_hash") and spec.hash and ckpt["dataset_hash"] != spec.hash:
-        diffs.append(f"dataset hash: {ckpt['dataset_hash']} -> {spec.hash}")
-    if diffs:
-        raise ConfigError(
-            "cannot resume: this run was started with a different setup:\n  "
-            + "\n  ".join(diffs)
-            + "\nResume with the original settings, or start a new run (--output NEW_DIR,"
-            " optionally --init-checkpoint from this run's last.pt)"
-        )
+    loader = build_loader(spec, "train", cfg.data, True, device=info.device, batch_sampler=sampler)
+    has_val = "val" in spec.splits
+    run = Run(
+        cfg, spec, out, info, model,
+        torch.compile(model) if tc.compile else model,
+        freeze_bn, optimizer, scaler, dtype,
+        build_loss(tc, spec.num_classes, spec.ignore_index, class_pixels, info.device),
+        sampler, loader,
+        SegmentationFolder(spec, "val", transform=eval_transforms()) if has_val else None,
+        schedule.total_steps(tc, sampler.batches_per_epoch),
+        schedule.parse_duration(tc.time),
+    )  # fmt: skip
+    if state is not None:
+        run.step, run.elapsed, run.best = state.restore(model, optimizer, scaler)
+        run.last_path = state.path
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if spec.path is None:  # a dataset described on the fly: keep its description
+            spec.save(out / "dataset.yaml")
+    return run

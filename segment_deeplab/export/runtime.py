@@ -1,0 +1,83 @@
+"""Exported files run as models: onnxruntime sessions and TorchScript modules behind the
+PyTorch model's contract, so `predict_probs` (and its TTA) runs them as it runs a
+checkpoint. `checkpoint.load_any` opens them."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_deeplab.models.inputs import to_uint8
+
+METADATA_FILE = "segment_deeplab.json"  # TorchScript extra file with the metadata
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or read as asked; the message says how to fix it."""
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    # Tracer and deprecation chatter tells users nothing they can act on; the parity
+    # check at other sizes is what shows whether the exported graph is right.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON beside a .safetensors export: model.safetensors -> model.json."""
+    return Path(path).with_suffix(".json")
+
+
+class ExportedModel(nn.Module):
+    """An ONNX or TorchScript export behind the PyTorch model's contract.
+
+    Takes (B, 3, H, W) RGB in [0, 1] and returns (B, C, H, W) scores, whatever steps
+    were baked into the export, so `predict_probs` can run it with TTA.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], Any], meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.run = run  # a TorchScript module registers as a submodule: device follows it
+        self.uint8_input = meta["input"]["dtype"] == "uint8"
+        self.labels_output = meta["output"]["name"] == "labels"
+        self.num_classes = len(meta["classes"])
+        self.output_stride = int(meta.get("output_stride", 1))
+        # Exports of models that needed their input padded to the stride lack the key.
+        self.input_multiple = int(meta.get("input_multiple", self.output_stride))
+        self.register_buffer("mean", torch.tensor(meta["mean"]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uint8_input:  # x came from uint8 / 255: rounding restores it exactly
+            x = to_uint8(x).permute(0, 2, 3, 1)
+        y = torch.as_tensor(self.run(x.contiguous())).to(x.device)
+        if self.labels_output:
+            # Scores whose softmax is one-hot to float precision: TTA averaging becomes a vote.
+            y = F.one_hot(y.long(), self.num_classes).permute(0, 3, 1, 2).float() * 50.0
+        return y
+
+
+def onnx_runner(path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An onnxruntime session as a function of tensors (CUDA when asked and available)."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    sess = ort.InferenceSession(str(path), providers=providers)
+    name = sess.get_inputs()[0].name
+    return lambda x: torch.from_numpy(sess.run(None, {name: x.cpu().numpy()})[0])
+
+
+def torchscript_module(path: str | Path, device: torch.device) -> nn.Module:
+    """A TorchScript export loaded onto `device` (torch.jit's notices kept quiet)."""
+    with quiet():
+        return torch.jit.load(str(path), map_location=device)

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -48,11 +47,6 @@ def prepared_camvid(cache: Path, source: str = CAMVID_SOURCE) -> Path:
     cmd = [str(deeplab), "prepare", source, "--spec", str(ROOT / "datasets/camvid.yaml")]
     subprocess.run([*cmd, "--output", str(cache)], check=True)
     return spec
-
-
-def cpu_info() -> SimpleNamespace:
-    """The `info` argument the project's train step takes, for a single CPU process."""
-    return SimpleNamespace(device=torch.device("cpu"), enabled=False, world_size=1, rank=0)
 
 
 def time_steps(fn: Callable[[], object], steps: int) -> float:

@@ -6,7 +6,7 @@ Training: a few steps of the recipe's model at its crop and batch size (the proj
 train step), and the peer (smp DeepLabV3Plus resnet18, torchvision-reference step) at
 the peer recipe's crop 320, batch 8. Prediction on 480x360 images (the CamVid size),
 batch 1: the project as `deeplab predict` runs (`predict_groups`: batch norm folded into
-a copy of the model, and on a CPU two images at once in two streams), the peer with
+the model in place), the peer with
 `predict_probs`, one image at a time. Peak RSS is `ru_maxrss` of the child, so the
 Python interpreter, torch and the model's weights count too.
 """
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_info, machine  # noqa: E402
+from common import machine  # noqa: E402
 
 NUM_CLASSES = 11
 CASES = [("project", "train"), ("project", "predict"), ("peer", "train"), ("peer", "predict")]
@@ -33,13 +33,14 @@ CASES = [("project", "train"), ("project", "predict"), ("peer", "train"), ("peer
 def child(who: str, what: str, config: str, steps: int) -> None:
     """Run the workload; print peak RSS in MiB."""
     from segment_deeplab.config import load_config
+    from segment_deeplab.infer.fold import for_inference
     from segment_deeplab.infer.predict import predict_groups
-    from segment_deeplab.infer.tta import predict_probs, prepare_model
+    from segment_deeplab.infer.tta import predict_probs
 
     if who == "project":
         from segment_deeplab.losses import build_loss
         from segment_deeplab.models import build_model
-        from segment_deeplab.train.loop import _train_step
+        from segment_deeplab.train.loop import train_step
         from segment_deeplab.train.setup import build_optimizer
 
         cfg = load_config(config, ["train.class_weights=null"])  # weights cost no memory
@@ -63,7 +64,8 @@ def child(who: str, what: str, config: str, steps: int) -> None:
         model = model.to(memory_format=torch.channels_last)
         opt, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train, NUM_CLASSES, 255)
         for _ in range(steps):
-            _train_step(model, images, masks, loss_fn, opt, None, None, cpu_info(), True, False)
+            cpu = torch.device("cpu")
+            train_step(model, images, masks, loss_fn, opt, None, None, cpu, True, False)
     elif what == "train":
         opt = peer_optimizer(model)
         for _ in range(steps):
@@ -71,14 +73,14 @@ def child(who: str, what: str, config: str, steps: int) -> None:
     else:
         if who == "peer":
             model = NormalizedPeer(model)
-        model = prepare_model(model, torch.device("cpu"))
+        model = for_inference(model, torch.device("cpu"))
         image = torch.randint(0, 256, (1, 3, 360, 480), dtype=torch.uint8)
         if who == "peer":
             for _ in range(steps):
                 predict_probs(model, image).argmax(1)
-        else:  # as `deeplab predict` runs: on a CPU, two images at once in two streams
-            for _, _, probs in predict_groups(model, [image[0]] * (2 * steps)):
-                probs.argmax(0)
+        else:  # as `deeplab predict` runs
+            for p in predict_groups(model, [image[0]] * (2 * steps)):
+                p.probs.argmax(0)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| training (project: {Path(args.config).stem}, crop {crop}, batch "
         f"{cfg.data.batch_size}; peer: crop 320, batch 8) | {peaks['project train']:.0f} "
         f"| {peaks['peer train']:.0f} |",
-        f"| prediction, 480x360, batch 1 (project: two streams) | {peaks['project predict']:.0f} "
+        "| prediction, 480x360, batch 1 (project: `predict_groups`) | "
+        f"{peaks['project predict']:.0f} "
         f"| {peaks['peer predict']:.0f} |",
     ]
     print("\n".join(lines))

@@ -10,7 +10,7 @@ ratio project / peer. Contenders for each backbone:
 - peer: smp DeepLabV3Plus (defaults) in torchvision's reference step (`peer_smp.py`),
   fp32 and contiguous as that loop runs on a CPU; on CPUs where the project trains in
   bf16 (AMX), also the peer with channels_last + bf16 autocast added by hand.
-- project: `build_model` + the project's own train step (`engine/train.py::_train_step`,
+- project: `build_model` + the project's own train step (`train/loop.py::train_step`,
   uint8 in, channels_last, foreach SGD, `train.amp=auto`), with the head matched to
   smp's (separable ASPP and decoder convs), the same in fp32, and at TF DeepLab's
   defaults (full 3x3 convs, about twice the peer's decoder FLOPs).
@@ -35,15 +35,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_info, gflops, machine  # noqa: E402
+from common import gflops, machine  # noqa: E402
 from peer_smp import build_peer, normalize_batch, peer_optimizer, peer_train_step  # noqa: E402
 
 from segment_deeplab.config import Config  # noqa: E402
-from segment_deeplab.infer.tta import predict_probs, prepare_model  # noqa: E402
+from segment_deeplab.device import autocast_dtype  # noqa: E402
+from segment_deeplab.infer.fold import for_inference  # noqa: E402
+from segment_deeplab.infer.tta import predict_probs  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
 from segment_deeplab.models import build_model  # noqa: E402
-from segment_deeplab.train.loop import _train_step  # noqa: E402
-from segment_deeplab.train.setup import build_optimizer, resolve_amp  # noqa: E402
+from segment_deeplab.train.loop import train_step  # noqa: E402
+from segment_deeplab.train.setup import build_optimizer  # noqa: E402
 
 NUM_CLASSES = 11
 
@@ -96,10 +98,8 @@ class Contender:
         self.model = build_model(cfg.model).to(self.device, memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loss_fn = build_loss(cfg.train, NUM_CLASSES, 255, None, self.device)
-        self.info = cpu_info()
-        self.info.device = self.device
         # Inference as `deeplab predict/eval` lays the model out (channels_last).
-        shipped = prepare_model(copy.deepcopy(self.model), self.device)
+        shipped = for_inference(copy.deepcopy(self.model), self.device)
         self.shipped = torch.compile(shipped) if self.compile else shipped
 
     def _infer_input(self) -> torch.Tensor:
@@ -113,30 +113,27 @@ class Contender:
             with self._autocast():
                 peer_train_step(self.compiled, self.x, self.masks, self.optimizer)
             return
-        _train_step(
+        train_step(
             self.compiled, self.images, self.masks, self.loss_fn, self.optimizer, None,
-            self.amp, self.info, True, False,
+            self.amp, self.device, True, False,
         )  # fmt: skip
 
     def infer_step(self) -> None:
         """The peer's `model(x)`; the project's `predict_probs` with the model laid out as
-        `inference.prepare_model` lays it out, autocast as `predict_probs` decides."""
+        `fold.for_inference` lays it out, in the contender's precision."""
         model = self.compiled.eval()
         if self.kind == "peer":
             with torch.inference_mode(), self._autocast():
                 model(self.x).float()
         else:
-            with self._autocast():
-                predict_probs(self.shipped, self.images)
+            predict_probs(self.shipped, self.images, dtype=self.amp)
         self.compiled.train()
 
     def infer_proposed(self) -> None:
         """Project inference without batch norm folding: the trained model as it is,
-        channels_last, bf16 autocast where `runstate.resolve_amp("auto")` picks it."""
+        channels_last, bf16 autocast where `device.autocast_dtype("auto")` picks it."""
         model = self.compiled.eval()
-        amp, _ = resolve_amp("auto", self.device)
-        with torch.autocast(self.device.type, amp or torch.float32, amp is not None):
-            predict_probs(model, self.images)
+        predict_probs(model, self.images, dtype=autocast_dtype("auto", self.device))
         self.compiled.train()
 
     def sync(self) -> None:
@@ -158,7 +155,7 @@ def _timed(c: Contender, fn, steps: int) -> float:
 def contenders(variant: str, args: argparse.Namespace) -> list[Contender]:
     """The peer first (the ratios' denominator), then the rest."""
     if args.device == "cpu":
-        auto, _ = resolve_amp(args.amp, torch.device("cpu"))  # the project's default
+        auto = autocast_dtype(args.amp, torch.device("cpu"))  # the project's default
         out = [Contender("peer", variant, "smp", args)]
         if auto is not None:  # the peer with the same speed settings, applied by hand
             out.append(Contender("peer", variant, "smp", args, amp=auto, tuned=True))

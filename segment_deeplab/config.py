@@ -183,9 +183,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not str):
-            if arg is str and not isinstance(value, str):
-                continue  # a list or number is not the string branch of str | list[float]
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg)
             except TypeError:

@@ -155,3 +155,38 @@ def test_cpu_recipe_is_the_shipped_camvid_config():
     assert shipped == recipe  # read from that one file
     # a config file replaces the recipe; overrides apply on top of either
     assert load_config(None, ["train.lr=0.1"], base=recipe).train.optimizer == "adamw"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.lr=abc", "config key 'train.lr' must be a number, got 'abc'"),
+        ("data.batch_size=2.5", "config key 'data.batch_size' must be an integer"),
+        ("train.compile=3", "config key 'train.compile' must be true or false"),
+        ("model.atrous_rates=[6,x]", "key 'model.atrous_rates' must be a list of integers"),
+        ("crop_size=256", "config key 'data.crop_size' must be a list of integers"),
+        ("data.batch_size=0", "config key 'data.batch_size' must be at least 1, got 0"),
+        ("train.lr=-1", "config key 'train.lr' must be positive"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_with_its_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert named in str(e.value)
+
+
+def test_values_are_typed_from_yaml_files_flags_and_overrides(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float field takes it as the number it spells.
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n  steps: 100\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.weight_decay=1e-05"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 1e-5
+    (tmp_path / "bad.yaml").write_text("data:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError, match="'data.batch_size' must be an integer, got 'eight'"):
+        load_config(tmp_path / "bad.yaml")
+    # Flags arrive as typed values, never as text parsed back; a length given there
+    # replaces the file's length.
+    flags = {"train.time": "5m", "data.crop_size": [96, 128]}
+    cfg = load_config(tmp_path / "c.yaml", values=flags)
+    assert (cfg.train.steps, cfg.train.time, cfg.data.crop_size) == (None, "5m", [96, 128])
+    assert load_config(None, values={"train.time": 90}).train.time == "90"

@@ -268,3 +268,75 @@ def test_default_workers_follow_the_device() -> None:
     assert resolve_workers(3, "cpu") == 3
     assert resolve_workers(None, "cpu") == 0  # on CPU the model needs the cores
     assert resolve_workers(None, "cuda") == min(4, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- one decoder
+def _phone_pair(spec: DatasetSpec) -> None:
+    """A JPEG stored rotated with EXIF orientation 6, its mask drawn on the upright
+    picture (40 x 24 upright, 24 x 40 as stored)."""
+    upright = np.zeros((40, 24, 3), np.uint8)
+    upright[:20] = (255, 0, 0)  # red top half, blue bottom half
+    upright[20:] = (0, 0, 255)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(spec.image_dir / "phone.jpg", exif=exif.tobytes(), quality=95)
+    ids = np.zeros((40, 24), np.uint8)
+    ids[20:] = 2
+    ids[0, :3] = IGNORE
+    Image.fromarray(ids).save(spec.mask_dir / "phone.png")
+
+
+def _palette_pairs(spec: DatasetSpec) -> None:
+    """Palette masks: 3 colours with transparency (PIL writes them 2-bit) and a
+    VOC-style 256-colour palette holding the ignore index; plus a grey mask saved RGB."""
+    few = np.array([[0, 1, 2, 1], [2, 2, 1, 0], [1, 0, 0, 2]], np.uint8)
+    voc = few.copy()
+    voc[1, 2] = IGNORE
+    pal = [30, 60, 90, 200, 10, 10, 10, 200, 10]
+    for stem, ids, palette, extra in (
+        ("few", few, pal, {"transparency": 0}),
+        ("voc", voc, pal + [255, 255, 255] * 253, {}),
+    ):
+        Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(spec.image_dir / f"{stem}.png")
+        m = Image.new("P", (4, 3))
+        m.putdata(ids.ravel().tolist())
+        m.putpalette(palette)
+        m.save(spec.mask_dir / f"{stem}.png", **extra)
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(spec.image_dir / "grey.jpg")
+    Image.fromarray(np.repeat(few[..., None], 3, axis=2)).save(spec.mask_dir / "grey.png")
+
+
+@pytest.mark.parametrize("color_masks", [False, True])
+def test_validate_and_training_read_the_same_ids(tmp_path: Path, color_masks: bool) -> None:
+    """What `deeplab validate` checks is what training loads: for every pair, the size
+    validate reports is the size of the image training decodes (EXIF applied), and
+    the per-value pixel counts validate reads from the mask bytes are those of the
+    ids training gets."""
+    from segment_deeplab.data.decode import MaskOptions
+    from segment_deeplab.data.pair_check import check_pair
+    from segment_deeplab.data.pairs import pair_files
+
+    spec = make_spec(tmp_path, color_masks=color_masks)
+    if color_masks:  # RGB masks in the class colours, one colour of no class
+        rgb = np.array([[[0, 0, 0], [200, 0, 0]], [[0, 200, 0], [9, 9, 9]]], np.uint8)
+        Image.fromarray(np.kron(rgb, np.ones((3, 2, 1), np.uint8))).save(spec.mask_dir / "a.png")
+        Image.fromarray(np.zeros((6, 4, 3), np.uint8)).save(spec.image_dir / "a.jpg")
+    _phone_pair(spec)
+    _palette_pairs(spec)
+    pairs, problems = pair_files(spec.image_dir, spec.mask_dir)
+    assert not problems and len(pairs) == (5 if color_masks else 4)
+    folder = SegmentationFolder(spec, stems=[p.stem for p in pairs])
+    opts = MaskOptions.build(spec)
+    for i, pair in enumerate(pairs):
+        checked = check_pair(pair.stem, pair.image, pair.mask, opts)
+        image, mask = folder.load(i)
+        assert checked.size_hw == tuple(image.shape[-2:]) == tuple(mask.shape), pair.stem
+        counts = np.bincount(mask.numpy().ravel(), minlength=256)
+        assert checked.values.tolist() == np.flatnonzero(counts).tolist(), pair.stem
+        assert checked.stats[:, 0].tolist() == counts[checked.values].tolist(), pair.stem
+        # Colours of no class are errors to validate and ignore to training; nothing else.
+        assert {p.code for p in checked.problems if p.level == "error"} <= {"unknown_values"}
+    # The phone photo comes out upright in both: red on top, where the mask says 0.
+    image, mask = folder.load([p.stem for p in pairs].index("phone"))
+    assert torch.equal(image[0].int() > image[2].int(), mask != 2)

@@ -165,12 +165,11 @@ def test_evaluate_reports_errors_from_reading_and_scoring() -> None:
         evaluate(ChannelModel(), bad, 2, 255, "cpu", progress=False)  # 3 channels, 2 classes
 
 
-def test_evaluate_in_two_streams_equals_one() -> None:
-    """A DeepLab model evaluated two batches at a time, each in its own thread with half
-    the threads, gives what one stream gives (to float rounding), image for image and in
-    dataset order; an unreadable file still stops it with its name, and the thread count
-    comes back."""
-    from segment_deeplab.infer.fold import for_inference as prepare_model
+def test_evaluate_with_a_loader_worker_equals_in_process() -> None:
+    """A DeepLab model evaluated with a DataLoader worker decoding ahead gives what the
+    in-process path gives, image for image and in dataset order; an unreadable file
+    still stops it with its name."""
+    from segment_deeplab.infer.fold import for_inference
     from segment_deeplab.models import build_model
 
     cfg = Config()
@@ -178,58 +177,20 @@ def test_evaluate_in_two_streams_equals_one() -> None:
     cfg.model.aspp_channels = cfg.model.decoder_channels = 16
     cfg.model.low_level_channels = 8
     torch.manual_seed(0)
-    model = prepare_model(build_model(cfg.model), torch.device("cpu"))
+    model = for_inference(build_model(cfg.model), torch.device("cpu"))
     rng = np.random.default_rng(5)
     items = [
         (_image(h, w, seed=i), torch.from_numpy(rng.integers(0, 3, (h, w))))
         for i, (h, w) in enumerate([(40, 56)] * 5 + [(33, 47)] * 2)
     ]
-    threads = _threads_of_a_new_thread()
-    one = evaluate(model, items, 3, 255, progress=False, streams=1, batch_size=2)
-    two = evaluate(model, items, 3, 255, progress=False, streams=2, batch_size=2)
-    assert _threads_of_a_new_thread() == threads
-    # Half the threads per stream may round logits apart in the last bit: a near-tie
-    # could flip a pixel, never more than a few.
-    a, b = np.array(one["confusion_matrix"]), np.array(two["confusion_matrix"])
-    assert a.sum() == b.sum() == sum(m.numel() for _, m in items)
-    assert np.abs(a - b).sum() <= 2 * 0.001 * a.sum()
-    assert [r["stem"] for r in two["per_image"]] == [str(i) for i in range(7)]
-    for r1, r2 in zip(one["per_image"], two["per_image"], strict=True):
-        assert r2["miou"] == pytest.approx(r1["miou"], abs=0.01)
+    here = evaluate(model, items, 3, 255, progress=False, batch_size=2)
+    ahead = evaluate(model, items, 3, 255, progress=False, batch_size=2, workers=1)
+    a, b = np.array(here["confusion_matrix"]), np.array(ahead["confusion_matrix"])
+    assert a.sum() == sum(m.numel() for _, m in items) and np.array_equal(a, b)
+    assert [r["stem"] for r in ahead["per_image"]] == [str(i) for i in range(7)]
+    assert ahead["per_image"] == here["per_image"]
     with pytest.raises(OSError, match="images/0002.jpg"):
-        evaluate(ChannelModel(), BrokenItems(), 3, 255, progress=False, streams=2)
-    assert _threads_of_a_new_thread() == threads
-
-
-def test_in_streams_keeps_order_and_runs_a_single_item_on_all_threads() -> None:
-    """Results come in input order from two threads; a lone item (one image to predict)
-    runs in the caller's thread with every intra-op thread, not on half of them."""
-    import threading
-    import time
-
-    from segment_deeplab.infer.streams import in_streams
-
-    def work(i: int) -> tuple[int, int, int]:
-        time.sleep(0.02 * (i % 2))  # odd items finish later than the even ones
-        return i, threading.get_ident(), torch.get_num_threads()
-
-    got = list(in_streams(work, range(6), PixelModel(), streams=2))
-    assert [i for i, _, _ in got] == list(range(6))
-    assert threading.get_ident() not in {t for _, t, _ in got}
-    assert {n for _, _, n in got} == {max(1, torch.get_num_threads() // 2)}
-    (lone,) = in_streams(work, [0], PixelModel(), streams=2)
-    assert lone[1:] == (threading.get_ident(), torch.get_num_threads())
-
-
-def _threads_of_a_new_thread() -> int:
-    """Intra-op threads a thread started now gets (the process-wide setting)."""
-    import threading
-
-    got: list[int] = []
-    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    return got[0]
+        evaluate(ChannelModel(), BrokenItems(), 3, 255, progress=False, batch_size=2)
 
 
 def test_class_mismatch_names_both() -> None:
@@ -269,44 +230,22 @@ def test_predict_writes_palette_masks_at_input_size(tmp_path) -> None:
         assert probs.dtype == np.float16 and probs.shape == (3, h, w)
 
 
-def test_predict_groups_in_two_streams_equals_one(tmp_path) -> None:
-    """Two batches at a time give the probabilities one gives (to float rounding: each
-    stream has half the threads), for every image; an unreadable file among them is
-    reported and the others still come out."""
+def test_predict_groups_batches_sizes_and_reports_unreadable_files(tmp_path) -> None:
+    """Same-size images predicted together give what one at a time gives, for every
+    image; an unreadable file among them is reported and the others still come out."""
     from segment_deeplab.infer.predict import predict_groups
 
     paths = _write_images(tmp_path / "in", [(20, 30), (17, 11), (20, 30), (20, 30), (9, 9)])
     paths[3].write_bytes(paths[3].read_bytes()[:60])  # truncated: header fine, pixels not
     runs = {}
-    for streams in (1, 2):
-        model = PixelModel().eval()
-        got = list(predict_groups(model, paths, 2, streams=streams))
+    for batch in (1, 2):
+        got = list(predict_groups(PixelModel().eval(), paths, batch))
         bad = [p.index for p in got if p.error is not None]
-        runs[streams] = ({p.index: p.probs for p in got if p.error is None}, bad)
+        runs[batch] = ({p.index: p.probs for p in got if p.error is None}, bad)
     (one, bad_one), (two, bad_two) = runs[1], runs[2]
     assert sorted(one) == sorted(two) == [0, 1, 2, 4] and bad_one == bad_two == [3]
     for i in one:
-        torch.testing.assert_close(two[i], one[i])  # thread counts may round apart
-
-
-def test_onnx_exports_predict_in_one_stream() -> None:
-    """onnxruntime runs on threads of its own: no second stream beside it; a torch model
-    on a CPU with two threads or more gets two."""
-    from segment_deeplab.export.runtime import ExportedModel
-    from segment_deeplab.infer.streams import stream_count
-
-    meta = {
-        "input": {"dtype": "float32"},
-        "output": {"name": "logits"},
-        "classes": CLASSES,
-        "mean": [0.5, 0.5, 0.5],
-    }
-    onnx_like = ExportedModel(lambda x: x, meta)
-    assert stream_count(onnx_like) == 1
-    script_like = ExportedModel(torch.nn.Conv2d(3, 3, 1), meta)  # TorchScript: torch threads
-    assert stream_count(script_like) == stream_count(PixelModel())
-    if torch.get_num_threads() >= 2 and torch.backends.openmp.is_available():
-        assert stream_count(PixelModel()) == 2
+        torch.testing.assert_close(two[i], one[i])
 
 
 def test_predict_applies_exif_orientation(tmp_path) -> None:

@@ -339,3 +339,32 @@ def test_cli_predict_runs_exports_like_segmenter(onnx_baked, tmp_path, capsys):
     seg = Segmenter.from_onnx(onnx_baked, device="cpu")
     assert np.array_equal(written, seg.predict(tmp_path / "photo.png"))
     assert len(np.unique(written)) > 1
+
+
+def test_load_any_opens_every_format_to_the_same_predictions(
+    run_dir, model, onnx_raw, onnx_baked, tmp_path
+) -> None:
+    """A run folder, its checkpoint, and each export (ONNX raw and baked, TorchScript,
+    safetensors), opened by the one loader, predict the classes PyTorch predicts."""
+    from segment_deeplab.checkpoint import load_any
+
+    ts, st = tmp_path / "m.pt", tmp_path / "m.safetensors"
+    assert export(run_dir, ts, fmt="torchscript", preprocessing=True).path == ts
+    assert export(run_dir, st).path == st
+    image = _image(61, 83, seed=5)
+    ref = predict_labels(model, image)
+    files = {
+        run_dir: "checkpoint",
+        run_dir / "best.pt": "checkpoint",
+        st: "safetensors",
+        onnx_raw: "onnx",
+        onnx_baked: "onnx",
+        ts: "torchscript",
+    }
+    for path, fmt in files.items():
+        loaded = load_any(path, "cpu")
+        assert loaded.format == fmt and loaded.path.is_file(), path
+        assert [c.name for c in loaded.classes] == ["background", "cat", "dog"]
+        assert loaded.ignore_index == 255
+        got = predict_labels(prepare_model(loaded.model, torch.device("cpu")), image)
+        assert got.shape == ref.shape and (got == ref).float().mean() >= 0.999, path

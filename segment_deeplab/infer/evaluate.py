@@ -24,7 +24,6 @@ from segment_deeplab.data.dataset import SegmentationFolder
 from segment_deeplab.data.spec import open_dataset
 from segment_deeplab.infer.eval_outputs import write_outputs
 from segment_deeplab.infer.fold import for_inference
-from segment_deeplab.infer.streams import in_streams
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_scores
 from segment_deeplab.metrics import ConfusionMatrix, background_index, matrix_miou
 
@@ -87,7 +86,6 @@ def evaluate(
     batch_size: int = 1,
     workers: int = 0,
     dtype: torch.dtype | None = None,
-    streams: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` on `dataset` (this process's shard) at full resolution.
 
@@ -97,9 +95,8 @@ def evaluate(
         tta: test-time options; dtype: autocast dtype of the forward pass (None: fp32).
         class_names, background: for the result's names and foreground mIoU.
         batch_size: images of the same size predicted together.
-        workers: DataLoader worker processes reading the dataset; with workers the
-            batches run one after another, else in `in_streams`.
-        streams: override `in_streams`' choice (1: one after another).
+        workers: DataLoader worker processes decoding ahead (0: decode here, which
+            was faster on 2 cores: BENCHMARKS.md §4).
 
     Returns:
         `metrics_from_matrix` keys, plus "confusion_matrix" (C x C list, rows ground
@@ -124,12 +121,9 @@ def evaluate(
         return out
 
     n = len(dataset)
+    items = iter(DataLoader(dataset, batch_size=None, num_workers=workers)) if workers else None
     chunks = [range(k, min(k + batch_size, n)) for k in range(0, n, batch_size)]
-    if workers > 0:  # worker processes decode; this process predicts one chunk at a time
-        loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers))
-        matrices = (score([next(loader) for _ in c]) for c in chunks)
-    else:  # each stream reads its own images: decoding runs in parallel too
-        matrices = in_streams(lambda c: score(dataset[i] for i in c), chunks, model, streams)
+    matrices = (score(next(items) if items else dataset[i] for i in c) for c in chunks)
     per_image: list[dict[str, Any]] = []
     shown = progress and devices.is_main_process()
     bar = tqdm(total=n, desc="eval", file=sys.stderr, disable=not shown)

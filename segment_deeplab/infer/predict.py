@@ -30,7 +30,6 @@ from segment_deeplab.data.decode import image_size, read_image
 from segment_deeplab.data.spec import IMAGE_EXTS
 from segment_deeplab.device import pick_device
 from segment_deeplab.infer.fold import for_inference
-from segment_deeplab.infer.streams import in_streams
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
 
 
@@ -155,7 +154,6 @@ def predict_groups(
     batch_size: int = 1,
     tta: TTA = PLAIN,
     dtype: torch.dtype | None = None,
-    streams: int | None = None,
 ) -> Iterator[Predicted]:
     """Probabilities of images, those of the same size predicted together.
 
@@ -165,16 +163,13 @@ def predict_groups(
             memory whole), or uint8 (3, H, W) tensors.
         batch_size: most images per forward pass.
         tta, dtype: test-time options and the forward pass's autocast dtype.
-        streams: override `in_streams`' choice of how many batches run at once.
 
     Yields:
         One `Predicted` per source (with `error` set for one that cannot be read),
         grouped by size rather than in input order.
     """
-    groups = list(_groups(sources, max(1, batch_size)))
-    run = lambda g: _predict_group(model, sources, g, tta, dtype)  # noqa: E731
-    for done in in_streams(run, groups, model, streams):
-        yield from done
+    for group in _groups(sources, max(1, batch_size)):
+        yield from _predict_group(model, sources, group, tta, dtype)
 
 
 def write_prediction(
@@ -212,7 +207,6 @@ def predict(
     save_probs: bool = False,
     progress: bool = True,
     dtype: torch.dtype | None = None,
-    streams: int | None = None,
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
@@ -221,7 +215,7 @@ def predict(
         inputs: files, folders and glob patterns.
         classes: the checkpoint's classes (colours, names for the legend).
         batch_size: images of the same size are predicted together.
-        dtype, streams: see `predict_groups`.
+        dtype: the forward pass's autocast dtype (see `tta.forward_dtype`).
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +223,7 @@ def predict(
     result = PredictResult(failed=list(failed))
     stems = output_stems(paths)
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
-    for p in predict_groups(model, paths, batch_size, tta, dtype, streams):
+    for p in predict_groups(model, paths, batch_size, tta, dtype):
         name = paths[p.index].name
         if p.error is not None:
             result.failed.append((name, _reason(p.error)))

@@ -160,6 +160,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+# Long for its docstring and the DataLoader's many settings, not for its logic.
 def build_loader(
     spec: DatasetSpec,
     split: str | None,

@@ -221,13 +221,17 @@ def resolve_dataset(
             )
     if spec_path is None:
         return None, image_dir, mask_dir, raw
-    classes = _parse_classes(raw.get("classes"), spec_path)
+    return _described(raw, spec_path, base, image_dir, mask_dir), image_dir, mask_dir, raw
+
+
+def _described(raw: dict, spec_path: Path, base: Path, image_dir: Path, mask_dir: Path):
+    """The DatasetSpec of a dataset.yaml's mapping, its paths resolved against `base`."""
     splits = {
         k: (Path(v) if Path(v).is_absolute() else base / v)
         for k, v in (raw.get("splits") or {}).items()
     }
-    ds = DatasetSpec(
-        classes=classes,
+    return DatasetSpec(
+        classes=_parse_classes(raw.get("classes"), spec_path),
         image_dir=image_dir,
         mask_dir=mask_dir,
         ignore_index=int(raw.get("ignore_index", 255)),
@@ -238,7 +242,6 @@ def resolve_dataset(
         hash=raw.get("hash"),
         path=spec_path,
     )
-    return ds, image_dir, mask_dir, raw
 
 
 def open_dataset(dataset: str | Path, spec: str | Path | None = None) -> DatasetSpec:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,8 +68,6 @@ class ExportedModel(nn.Module):
 
 def onnx_runner(path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """An onnxruntime session as a function of tensors (CUDA when asked and available)."""
-    import onnxruntime as ort
-
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

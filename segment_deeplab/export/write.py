@@ -238,6 +238,25 @@ class _Rejected(Exception):
     """The written file failed its parity check: nothing is renamed into place."""
 
 
+def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
+    """Refuse what cannot be exported as asked, before any work; returns `fmt`."""
+    if fmt == "safetensors" and baked:
+        raise ExportError(
+            "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
+            "to onnx and torchscript"
+        )
+    if fmt == "onnx" and opset not in OPSETS:
+        span = f"{OPSETS[0]}..{OPSETS[-1]}"
+        raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
+    if fmt == "safetensors" and sidecar_path(output) == output:
+        raise ExportError(
+            f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
+        )
+    return fmt
+
+
 def export(
     checkpoint: str | Path,
     output: str | Path,
@@ -266,21 +285,7 @@ def export(
     """
     start = time.perf_counter()
     output = Path(output)
-    fmt = resolve_format(fmt, output)
-    if fmt == "safetensors" and (preprocessing or argmax):
-        raise ExportError(
-            "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
-            "to onnx and torchscript"
-        )
-    if fmt == "onnx" and opset not in OPSETS:
-        span = f"{OPSETS[0]}..{OPSETS[-1]}"
-        raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
-    if output.is_dir():
-        raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
-    if fmt == "safetensors" and sidecar_path(output) == output:
-        raise ExportError(
-            f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
-        )
+    fmt = _check_request(resolve_format(fmt, output), output, preprocessing or argmax, opset)
     model, cfg, ckpt = load_model(checkpoint, map_location="cpu")
     module = DeployModel(model, preprocessing, argmax, len(ckpt["classes"])).eval()
     meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)

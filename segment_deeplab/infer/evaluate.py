@@ -59,6 +59,7 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Consecutive (image, mask) pairs of equal size grouped into batches of at most
     `batch_size`: (images (B, 3, H, W), masks)."""
+    batch_size = max(1, batch_size)
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     for image, mask in pairs:
@@ -108,35 +109,29 @@ def evaluate(
     if devices.model_device(model) != device:
         model.to(device)
     cm = ConfusionMatrix(num_classes, ignore_index)
-    batch_size = max(1, batch_size)
-
-    def score(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """The confusion matrix of each image of some pairs, in order."""
-        out = []
-        with torch.inference_mode():
-            for images, masks in _batches(pairs, batch_size):
-                preds = labels(predict_scores(model, images, tta, dtype))
-                for pred, mask in zip(preds, masks, strict=True):
-                    out.append(cm.count(mask.to(device, non_blocking=True), pred))
-        return out
-
     n = len(dataset)
-    items = iter(DataLoader(dataset, batch_size=None, num_workers=workers)) if workers else None
-    chunks = [range(k, min(k + batch_size, n)) for k in range(0, n, batch_size)]
-    matrices = (score(next(items) if items else dataset[i] for i in c) for c in chunks)
+    pairs = DataLoader(dataset, batch_size=None, num_workers=workers) if workers else None
     per_image: list[dict[str, Any]] = []
     shown = progress and devices.is_main_process()
     bar = tqdm(total=n, desc="eval", file=sys.stderr, disable=not shown)
     try:
-        for batch in matrices:
-            for mat in batch:
-                cm.add(mat)
-                order, stem = _origin(dataset, len(per_image))
-                per_image.append({"index": order, "stem": stem, "miou": matrix_miou(mat)})
-            bar.update(len(batch))
+        with torch.inference_mode():
+            for images, masks in _batches(pairs or map(dataset.__getitem__, range(n)), batch_size):
+                preds = labels(predict_scores(model, images, tta, dtype))
+                for pred, mask in zip(preds, masks, strict=True):
+                    mat = cm.count(mask.to(device, non_blocking=True), pred)
+                    cm.add(mat)
+                    order, stem = _origin(dataset, len(per_image))
+                    per_image.append({"index": order, "stem": stem, "miou": matrix_miou(mat)})
+                bar.update(len(masks))
     finally:
         bar.close()
         model.train(was_training)
+    return _result(cm, per_image, class_names, background)
+
+
+def _result(cm: ConfusionMatrix, per_image: list[dict], class_names, background) -> dict:
+    """Metrics summed over ranks, per-image rows back in dataset order."""
     cm.reduce_from_all_processes()
     result = cm.compute(class_names, background)
     result["confusion_matrix"] = cm.numpy().tolist()

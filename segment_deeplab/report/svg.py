@@ -73,6 +73,8 @@ def _legend(series: Sequence[Series], x0: float, x1: float) -> list[tuple[int, f
     return out
 
 
+# One chart drawn top to bottom (frame, ticks, series, legend): longer than most
+# functions here, as splitting it would scatter the coordinate maths it shares.
 def line_chart(
     series: Sequence[Series],
     title: str,

@@ -131,6 +131,14 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
+def _flush_log(run: Run, log: RunLog) -> dict[str, str]:
+    """Write the logging window's record; return the progress bar's postfix."""
+    postfix = log.flush()
+    if run.budget:  # tqdm's ETA needs a step count; a time budget has its own
+        postfix["left"] = _clock(max(run.budget - run.elapsed, 0.0))
+    return postfix
+
+
 def _progress_bar(run: Run, progress: bool) -> tqdm:
     return tqdm(
         total=run.total,
@@ -195,10 +203,7 @@ def fit(
                 seen = images.shape[0] * info.world_size
                 log.train(run.step, epoch, loss, lr, seen, run.elapsed)
                 if run.step % tc.log_every == 0:
-                    postfix = log.flush()
-                    if run.budget:  # tqdm's ETA needs a step count; a time budget has its own
-                        postfix["left"] = _clock(max(run.budget - run.elapsed, 0.0))
-                    bar.set_postfix(postfix)
+                    bar.set_postfix(_flush_log(run, log))
                 done = run.progress() >= 1.0
                 if run.step % tc.val_every == 0 or done:
                     _validate_and_keep_best(run, log, bar)

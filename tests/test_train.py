@@ -1,4 +1,4 @@
-"""Training engine: loss goes down, exact resume, refusals, signals, NaN, two processes."""
+"""Training: loss goes down, exact resume, refusals, signals, NaN, two processes."""
 
 from __future__ import annotations
 

@@ -39,10 +39,17 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
     """A path, PIL image, (H, W[, 3|4]) uint8 array or (3, H, W) tensor as uint8 (3, H, W)."""
     if isinstance(image, (str, Path)):
         return read_image(_existing(image))
+    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        raise TypeError(
+            "expected an image: a file path, a PIL image, an (H, W, 3) uint8 array or a "
+            f"(3, H, W) uint8 tensor; got {type(image).__name__}"
+        )
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim == 3 and image.shape[0] == 3 and image.dtype == torch.uint8:
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"the image is empty: shape {tuple(image.shape)}")
             return image
         image = image.detach().cpu().numpy()
     arr = np.asarray(image)
@@ -55,6 +62,8 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"the image is empty: shape {arr.shape}")
     # copy(): PIL's arrays are read-only, and torch wants to own writable memory.
     return torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1)
 

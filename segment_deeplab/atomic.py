@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,3 +72,48 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     with staged(path, fsync=True) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+class OutputError(ValueError):
+    """An output that would be written over something it must not be, or cannot be
+    written at all; the message names the path and the fix."""
+
+
+def check_writable_dir(path: str | Path, flag: str = "--output") -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be written.
+
+    The folder may not exist yet: its nearest existing parent must be writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder; give a folder name")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{flag} {path}: {probe} is a file, so the folder cannot be made")
+    # No write bit for anyone means "read-only" even to root, whom access() lets through.
+    if not os.access(probe, os.W_OK | os.X_OK) or not probe.stat().st_mode & 0o222:
+        raise OutputError(f"{flag} {path}: {probe} is not writable; choose another folder")
+    return path
+
+
+def check_writable_file(path: str | Path, flag: str = "--output") -> Path:
+    """Refuse, before any work, an output file whose folder cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    check_writable_dir(path.parent, flag=f"{flag} {path}: the folder")
+    return path
+
+
+def refuse_inputs(outputs: Iterable[Path], inputs: Iterable[Path], flag: str = "--output"):
+    """Refuse outputs that would land on an input file: inputs are never written over."""
+    taken = {p.resolve() for p in inputs}
+    clash = [p for p in outputs if p.resolve() in taken]
+    if clash:
+        raise OutputError(
+            f"{flag} would write {clash[0]} over the input of the same name"
+            f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; inputs are never "
+            "written over: choose another output folder"
+        )

@@ -80,7 +80,8 @@ def training_checkpoint(
         "classes": to_dicts(spec.classes),
         "ignore_index": spec.ignore_index,
         "dataset_hash": spec.hash,
-        "dataset_path": str(spec.path) if spec.path else None,
+        # absolute: report and resume find it from any working folder
+        "dataset_path": str(spec.path.resolve()) if spec.path else None,
     }
 
 
@@ -101,7 +102,12 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_safetensors_file(str(path), device=str(map_location))
+        try:
+            return load_safetensors_file(str(path), device=str(map_location))
+        except Exception as e:  # a truncated or foreign file
+            raise CheckpointError(
+                f"cannot read {path} as safetensors ({e}); is it complete?"
+            ) from e
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated files, code-carrying pickles
@@ -214,21 +220,58 @@ def build_initialised(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- exports
+# First bytes of files users hand over by mistake, for the error message.
+_NOT_MODELS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image"}
+MODEL_FILES = (
+    "a run folder, a .pt checkpoint, or an export (.onnx, TorchScript .pt, .safetensors with "
+    "its .json)"
+)
+
+
 def sniff_format(path: str | Path) -> str:
-    """onnx, torchscript, safetensors or checkpoint, from the file's first bytes (any name)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    """onnx, torchscript, safetensors or checkpoint, from the file's first bytes (any name).
+
+    Raises:
+        CheckpointError: the file is none of them (empty, an image, a damaged archive).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     if head[:2] == b"PK":  # a zip archive: TorchScript holds code/, torch.save files do not
-        with zipfile.ZipFile(path) as z:
-            script = any(
-                "/code/" in n or n.endswith(f"extra/{METADATA_FILE}") for n in z.namelist()
-            )
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(
+                f"{path} is a damaged zip archive (a .pt file cut off while copying?): {e}"
+            ) from e
+        script = any("/code/" in n or n.endswith(f"extra/{METADATA_FILE}") for n in names)
         return "torchscript" if script else "checkpoint"
-    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
         return "safetensors"
     if head[:1] == b"\x80":  # a pickle: a legacy (non-zip) torch.save file
         return "checkpoint"
-    return "onnx"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version): an ONNX ModelProto
+        return "onnx"
+    what = next((v for k, v in _NOT_MODELS.items() if head.startswith(k)), None)
+    what = what or ("empty" if not head else "not a model file segment-deeplab knows")
+    raise CheckpointError(f"{path} is {what}; give {MODEL_FILES}")
+
+
+def _opened(fmt: str, path: Path, load):
+    """`load()`, with a damaged or foreign file reported by name, not as a traceback."""
+    try:
+        return load()
+    except (CheckpointError, ExportError, ModelError):
+        raise
+    except Exception as e:  # protobuf, zip, safetensors and torch.jit errors differ
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read {path} as {fmt} ({first[:200]}); is it complete? Give {MODEL_FILES}"
+        ) from e
 
 
 def read_metadata(path: str | Path, sidecar: str | Path | None = None) -> dict[str, Any]:
@@ -274,6 +317,16 @@ def load_safetensors(
     return model, cfg, meta
 
 
+def _ours(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Metadata of an export written by `deeplab export`, or a CheckpointError."""
+    if not all(k in meta for k in ("classes", "input", "output", "mean")):
+        raise CheckpointError(
+            f"{path} was not exported by segment-deeplab (its metadata has no class list "
+            "and input description); export the model with `deeplab export`"
+        )
+    return meta
+
+
 @dataclass
 class Loaded:
     """A model file opened for prediction."""
@@ -295,18 +348,20 @@ def load_any(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     """
     device = torch.device(device)
     path = run_file(path)
-    fmt = sniff_format(path) if path.is_file() else "checkpoint"
+    if not path.exists():
+        raise CheckpointError(f"model file not found: {path}; give {MODEL_FILES}")
+    fmt = sniff_format(path)
     if fmt == "checkpoint":
-        model, _, ckpt = load_model(path)
+        model, _, ckpt = _opened(fmt, path, lambda: load_model(path))
         return Loaded(
             model, checkpoint_classes(ckpt), int(ckpt.get("ignore_index", 255)), fmt, path
         )
     if fmt == "safetensors":
-        model, _, meta = load_safetensors(path)
+        model, _, meta = _opened(fmt, path, lambda: load_safetensors(path))
     elif fmt == "onnx":
-        meta = read_metadata(path)
-        model = ExportedModel(onnx_runner(path, device), meta)
+        meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
+        model = _opened(fmt, path, lambda: ExportedModel(onnx_runner(path, device), meta))
     else:
-        meta = read_metadata(path)
-        model = ExportedModel(torchscript_module(path, device), meta)
+        meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
+        model = _opened(fmt, path, lambda: ExportedModel(torchscript_module(path, device), meta))
     return Loaded(model, from_dicts(meta["classes"]), int(meta.get("ignore_index", 255)), fmt, path)

@@ -258,8 +258,9 @@ def test_predict_applies_exif_orientation(tmp_path) -> None:
 
 
 @pytest.fixture
-def fake_checkpoint(monkeypatch):
-    """`load_model` returning a PixelModel, so the commands run without real models."""
+def fake_checkpoint(monkeypatch, tmp_path):
+    """`load_model` returning a PixelModel, so the commands run without real models; a
+    checkpoint file `x.pt` to name (in the test's folder, made the working folder)."""
     ckpt = {"classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in CLASSES]}
     ckpt["ignore_index"] = 255
 
@@ -267,6 +268,8 @@ def fake_checkpoint(monkeypatch):
         return PixelModel().eval(), Config(), dict(ckpt)
 
     monkeypatch.setattr(ckpt_mod, "load_model", load_model)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": ckpt_mod.FORMAT}, tmp_path / "x.pt")
     return ckpt
 
 

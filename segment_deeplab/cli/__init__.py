@@ -9,6 +9,7 @@ line and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from segment_deeplab import __version__
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepLab v3 / v3+ semantic segmentation for your own images and masks.",
     )
     parser.add_argument("--version", action="version", version=f"segment-deeplab {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (data, train, inference, export):
@@ -33,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Imported here so `deeplab --help` stays fast (no torch import).
+    from segment_deeplab.atomic import OutputError
     from segment_deeplab.checkpoint import CheckpointError
     from segment_deeplab.config import ConfigError
     from segment_deeplab.data.spec import DatasetError
@@ -41,21 +46,40 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from segment_deeplab.models import ModelError
 
     errors = (UserError, ConfigError, DatasetError, CheckpointError, ModelError, DeviceError)
-    return (*errors, ExportError)
+    return (*errors, ExportError, OutputError)
+
+
+def _os_error(e: OSError) -> str:
+    """A file system error as one line that names the file: disk full, no permission."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}" if e.strerror else str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("DEEPLAB_DEBUG", "") not in ("", "0")
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if debug:
+            raise
         if isinstance(e, _user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
-        raise
+        if isinstance(e, OSError):
+            print(f"error: {_os_error(e)}", file=sys.stderr)
+            return 2
+        # Not a mistake of the user's: say what broke, in one line, and how to see more.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"error: {type(e).__name__}: {first} (an unexpected failure; `deeplab --debug "
+            f"{args.command} ...` shows the traceback to report)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

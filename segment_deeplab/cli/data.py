@@ -68,7 +68,8 @@ def _add_prepare(sub) -> argparse.ArgumentParser:
         "prepare",
         help="validate, split train/val and write dataset.yaml with class statistics",
         description="Validate (after --remap), then write a seeded train/val split, class "
-        "statistics and a content hash into dataset.yaml. Original files are never modified.",
+        "statistics and a content hash into dataset.yaml (your lines in it are kept, and "
+        "the original copied to dataset.yaml.bak). Images and masks are never modified.",
     )
     dataset_args(p, required=False)
     p.add_argument(
@@ -130,6 +131,8 @@ def _cmd_prepare(args) -> int:
     if res.converted_masks:
         print(f"wrote index masks to {res.converted_masks} (your masks are unchanged)")
     print(f"wrote {res.spec_path} and its splits/ ({res.spec.hash[:19]}...)")
+    if res.backup:
+        print(f"your lines in it are kept as they were; the original is also in {res.backup}")
     if res.placeholders:
         print(
             f"there was no dataset.yaml: the classes are placeholders named class_<id> with "

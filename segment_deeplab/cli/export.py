@@ -32,6 +32,7 @@ def _add_export(sub) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--data", metavar="DATASET", help="dataset or image folder for the parity check")
     p.add_argument("--spec", metavar="FILE", help="a dataset.yaml kept elsewhere")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -53,6 +54,7 @@ def _cmd_export(args) -> int:
             opset=args.opset,
             data=args.data,
             spec=args.spec,
+            overwrite=args.overwrite,
         )
     except ParityError as e:
         print(f"error: parity check failed: {e}; nothing written to {args.output}", file=sys.stderr)

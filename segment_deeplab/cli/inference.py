@@ -84,6 +84,11 @@ def _add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--save-probs", action="store_true", help="also STEM_probs.npy (float16, C x H x W)"
     )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the files of an earlier prediction in --output (inputs are never "
+        "written over)",
+    )  # fmt: skip
     tta_args(p)
     return p
 
@@ -102,6 +107,7 @@ def _cmd_predict(args) -> int:
         tta=tta,
         batch_size=args.batch_size,
         save_probs=args.save_probs,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         amp=args.amp,
     )
@@ -150,11 +156,25 @@ def _cmd_report(args) -> int:
     if args.eval_dir and not (Path(args.eval_dir) / "metrics.json").is_file():
         raise UserError(f"--eval {args.eval_dir} holds no metrics.json from `deeplab eval`")
     report = build_report(run, args.eval_dir, args.gallery, args.device)
-    path = report.save(args.output or run / "report.html")
+    path = report.save(_report_path(args.output or run / "report.html"))
     for line in report.missing:
         print(f"missing: {line}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
+
+
+def _report_path(path):
+    """The report's file: new, or an earlier report (never another kind of file)."""
+    from pathlib import Path
+
+    from segment_deeplab.atomic import OutputError, check_writable_file
+
+    path = check_writable_file(Path(path))
+    if path.is_file():
+        with path.open("rb") as f:
+            if not f.read(64).lstrip().lower().startswith(b"<!doctype html"):
+                raise OutputError(f"--output {path} exists and is not a report; choose a new name")
+    return path
 
 
 def _eval_report(checkpoint: str, metrics: str, device: str):

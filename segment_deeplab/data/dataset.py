@@ -205,6 +205,9 @@ def build_loader(
         return DataLoader(
             SeededSamples(ds),
             batch_sampler=batch_sampler,
+            # Its own generator: a new iterator draws its worker seed from it, not from
+            # the global RNG, which a resumed run has just restored (dropout draws there).
+            generator=torch.Generator().manual_seed(seed),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=pin,

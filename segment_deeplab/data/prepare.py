@@ -22,7 +22,13 @@ from segment_deeplab.atomic import write_bytes, write_text
 from segment_deeplab.classes import placeholder_classes
 from segment_deeplab.data.decode import MaskOptions, read_mask
 from segment_deeplab.data.pairs import dataset_hash, parallel_map
-from segment_deeplab.data.spec import SPEC_NAME, DatasetError, DatasetSpec, resolve_dataset
+from segment_deeplab.data.spec import (
+    SPEC_NAME,
+    DatasetError,
+    DatasetSpec,
+    resolve_dataset,
+    write_description,
+)
 from segment_deeplab.data.validate import ValidationReport, validate_dataset
 
 PREPARED_MASKS = "masks_prepared"
@@ -48,6 +54,8 @@ class PrepareResult:
     placeholders: bool
     # folder of masks written by --remap / colour conversion, else None
     converted_masks: Path | None
+    # the copy of a dataset.yaml kept before it was first updated, else None
+    backup: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (`--json`)."""
@@ -59,6 +67,7 @@ class PrepareResult:
             "placeholders": self.placeholders,
             "masks": str(self.spec.mask_dir),
             "converted_masks": self.converted_masks is not None,
+            "backup": str(self.backup) if self.backup else None,
             "hash": self.spec.hash,
             "stats": self.spec.stats,
             "warnings": [asdict(p) for p in self.report.warnings],
@@ -218,9 +227,11 @@ def prepare_dataset(
     split_dir.mkdir(parents=True, exist_ok=True)
     for name, stems in (("train", train), ("val", val)):
         write_text(split_dir / f"{name}.txt", "".join(f"{s}\n" for s in stems))
-    # Update the description in place when it lives in the output folder.
+    # The description is updated where it lives when that is the output folder: the
+    # user's lines are kept, and the file backed up the first time (`write_description`).
     spec_path = out_dir / SPEC_NAME
-    if ds is not None and ds.path is not None and ds.path.parent.resolve() == out_dir.resolve():
+    own = ds is not None and ds.path is not None and ds.path.parent.resolve() == out_dir.resolve()
+    if own:
         spec_path = ds.path
     new = DatasetSpec(
         classes=classes,
@@ -233,5 +244,5 @@ def prepare_dataset(
         hash=dataset_hash(file_hashes),
         path=spec_path,
     )
-    new.save(spec_path)
-    return PrepareResult(new, spec_path, train, val, report, ds is None, converted)
+    backup = write_description(new, spec_path, keep_user_lines=own)
+    return PrepareResult(new, spec_path, train, val, report, ds is None, converted, backup)

@@ -22,6 +22,8 @@ Example `dataset.yaml`::
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,7 @@ class DatasetSpec:
         return d
 
     def save(self, path: Path) -> None:
+        """Write the description as a new file (a run's copy; see `write_description`)."""
         text = yaml.safe_dump(
             self.to_yaml_dict(path.parent), sort_keys=False, default_flow_style=None
         )
@@ -129,11 +132,9 @@ def _parse_classes(raw: Any, where: Path) -> list[ClassInfo]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or "name" not in item:
             raise DatasetError(f"{where}: classes[{i}] needs at least a name (and id, color)")
-        cid = int(item.get("id", i))
+        cid = _int(item.get("id", i), f"classes[{i}] id", where, 0, 255)
         color = item.get("color") or default_palette(cid + 1)[cid]
-        if not (isinstance(color, (list, tuple)) and len(color) == 3):
-            raise DatasetError(f"{where}: classes[{i}] color must be [R, G, B], got {color!r}")
-        classes.append(ClassInfo(cid, str(item["name"]), tuple(int(v) for v in color)))
+        classes.append(ClassInfo(cid, str(item["name"]), _rgb(color, f"classes[{i}] color", where)))
     ids = [c.id for c in classes]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{where}: class ids repeat: {sorted(ids)}")
@@ -145,12 +146,97 @@ def _parse_classes(raw: Any, where: Path) -> list[ClassInfo]:
     return sorted(classes, key=lambda c: c.id)
 
 
+# The keys `deeplab prepare` writes; everything else in a dataset.yaml is the user's.
+PREPARED_KEYS = ("images", "masks", "splits", "stats", "hash", "color_masks", "ignore_color")
+PREPARED_MARK = "# ---- written by `deeplab prepare`; the lines above are yours, kept as they were"
+_TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:")
+
+
+def _without_keys(text: str, keys: tuple[str, ...]) -> str:
+    """YAML text without the top-level blocks of `keys`; comments and the rest kept."""
+    out, dropping = [], False
+    for line in text.splitlines(keepends=True):
+        top = _TOP_KEY.match(line)
+        if top or (line[:1] not in (" ", "\t", "\n", "\r", "") and not line.isspace()):
+            dropping = bool(top) and top.group(1) in keys  # a new block (or a top comment)
+        if not dropping:
+            out.append(line)
+    return "".join(out)
+
+
+def _backup(path: Path) -> Path:
+    """A copy of the user's file beside it: NAME.bak, or NAME.bak.N if that is taken."""
+    target, n = path.with_name(path.name + ".bak"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.bak.{n}"), n + 1
+    shutil.copy2(path, target)
+    return target
+
+
+def write_description(spec: DatasetSpec, path: Path, keep_user_lines: bool) -> Path | None:
+    """Write the prepared description to `path`, losing nothing of the user's.
+
+    With `keep_user_lines` (the file is the user's own description), every line the
+    user wrote stays as it was (comments included) and the keys `prepare` owns
+    (`PREPARED_KEYS`) follow below `PREPARED_MARK`. A file without that mark (not yet
+    touched by `prepare`, or not a description it wrote) is first copied to NAME.bak.
+
+    Returns:
+        The backup made, or None.
+    """
+    full = spec.to_yaml_dict(path.parent)
+    user, backup = "", None
+    if path.is_file():
+        text = path.read_text()
+        if PREPARED_MARK not in text:
+            backup = _backup(path)
+        if keep_user_lines:
+            user = _without_keys(text.split(PREPARED_MARK)[0], PREPARED_KEYS).rstrip()
+    ours = {k: v for k, v in full.items() if k in PREPARED_KEYS} if user else full
+    dump = yaml.safe_dump(ours, sort_keys=False, default_flow_style=None)
+    text = (f"{user}\n\n" if user else "") + f"{PREPARED_MARK}\n{dump}"
+    try:
+        same = yaml.safe_load(text) == {**(yaml.safe_load(user) or {} if user else {}), **ours}
+    except yaml.YAMLError:
+        same = False
+    if not same:  # the user's lines do not combine cleanly: write it whole (backup kept)
+        text = f"{PREPARED_MARK}\n" + yaml.safe_dump(full, sort_keys=False, default_flow_style=None)
+    write_text(path, text)
+    return backup
+
+
+def _int(raw: Any, key: str, where: Path, lo: int, hi: int) -> int:
+    """An integer setting of dataset.yaml in lo..hi, or a DatasetError naming it."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
+        raise DatasetError(f"{where}: {key} must be an integer in {lo}..{hi}, got {raw!r}")
+    return raw
+
+
+def _rgb(raw: Any, key: str, where: Path) -> tuple[int, int, int]:
+    ok = isinstance(raw, (list, tuple)) and len(raw) == 3
+    if not ok or any(
+        isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255 for v in raw
+    ):
+        raise DatasetError(
+            f"{where}: {key} must be [R, G, B] with values 0..255, e.g. [220, 20, 60]; got {raw!r}"
+        )
+    return tuple(raw)
+
+
 def _parse_color(raw: Any, where: Path) -> tuple[int, int, int] | None:
-    if raw is None:
-        return None
-    if not (isinstance(raw, (list, tuple)) and len(raw) == 3):
-        raise DatasetError(f"{where}: ignore_color must be [R, G, B], got {raw!r}")
-    return tuple(int(v) for v in raw)
+    return None if raw is None else _rgb(raw, "ignore_color", where)
+
+
+def _parse_ignore(raw: dict, classes: list[ClassInfo], where: Path) -> int:
+    """ignore_index: a mask value (0..255) that no class uses."""
+    ignore = _int(raw.get("ignore_index", 255), "ignore_index", where, 0, 255)
+    same = next((c for c in classes if c.id == ignore), None)
+    if same is not None:
+        raise DatasetError(
+            f"{where}: ignore_index {ignore} is also the id of class {same.name!r}; the ignore "
+            "value must be one no class uses (TF DeepLab and this tool use 255)"
+        )
+    return ignore
 
 
 def load_spec(path: Path) -> tuple[dict[str, Any], Path]:
@@ -206,6 +292,8 @@ def resolve_dataset(
         if explicit is not None:
             return Path(explicit)
         if key in raw:
+            if not isinstance(raw[key], str):
+                raise DatasetError(f"{spec_path}: {key} must be a folder path, got {raw[key]!r}")
             p = Path(raw[key])
             return p if p.is_absolute() else base / p
         if root is None:
@@ -226,15 +314,19 @@ def resolve_dataset(
 
 def _described(raw: dict, spec_path: Path, base: Path, image_dir: Path, mask_dir: Path):
     """The DatasetSpec of a dataset.yaml's mapping, its paths resolved against `base`."""
-    splits = {
-        k: (Path(v) if Path(v).is_absolute() else base / v)
-        for k, v in (raw.get("splits") or {}).items()
-    }
+    raw_splits = raw.get("splits") or {}
+    if not isinstance(raw_splits, dict) or not all(isinstance(v, str) for v in raw_splits.values()):
+        raise DatasetError(
+            f"{spec_path}: splits must map split names to files, e.g. "
+            f"{{train: splits/train.txt, val: splits/val.txt}}; got {raw_splits!r}"
+        )
+    splits = {k: (Path(v) if Path(v).is_absolute() else base / v) for k, v in raw_splits.items()}
+    classes = _parse_classes(raw.get("classes"), spec_path)
     return DatasetSpec(
-        classes=_parse_classes(raw.get("classes"), spec_path),
+        classes=classes,
         image_dir=image_dir,
         mask_dir=mask_dir,
-        ignore_index=int(raw.get("ignore_index", 255)),
+        ignore_index=_parse_ignore(raw, classes, spec_path),
         color_masks=bool(raw.get("color_masks", False)),
         ignore_color=_parse_color(raw.get("ignore_color"), spec_path),
         splits=splits,

@@ -125,6 +125,12 @@ def validate_dataset(
     """
     t0 = time.perf_counter()
     pairs, problems = pair_files(Path(image_dir), Path(mask_dir))
+    if not pairs and not any(p.level == "error" for p in problems):
+        msg = (
+            f"no image/mask pairs: {image_dir} and {mask_dir} hold no .jpg/.jpeg/.png files; "
+            "put the images and their masks there (paired by file name)"
+        )
+        problems.append(Problem.error(str(image_dir), "no_pairs", msg))
     ignore = spec.ignore_index if spec else 255
     opts = MaskOptions.build(spec, ignore, remap)
     jobs = [(p.stem, p.image, p.mask, opts) for p in pairs]

@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from segment_deeplab import __version__
-from segment_deeplab.atomic import staged
-from segment_deeplab.checkpoint import FORMAT, load_model, load_safetensors
+from segment_deeplab.atomic import OutputError, check_writable_file, refuse_inputs, staged
+from segment_deeplab.checkpoint import FORMAT, RUN_FILES, load_model, load_safetensors
 from segment_deeplab.config import Config
 from segment_deeplab.export.parity import (
     Parity,
@@ -239,7 +239,10 @@ class _Rejected(Exception):
 
 
 def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
-    """Refuse what cannot be exported as asked, before any work; returns `fmt`."""
+    """Refuse what cannot be exported as asked, before any work; returns `fmt`.
+
+    (That the output is not written over the checkpoint or an earlier export is
+    `_check_not_taken`'s part.)"""
     if fmt == "safetensors" and baked:
         raise ExportError(
             "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
@@ -250,11 +253,26 @@ def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
         raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
+    check_writable_file(output)
     if fmt == "safetensors" and sidecar_path(output) == output:
         raise ExportError(
             f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
         )
     return fmt
+
+
+def _check_not_taken(output: Path, fmt: str, checkpoint: str | Path, overwrite: bool) -> None:
+    """The checkpoint is never written over; an earlier export only with `overwrite`."""
+    written = [output] + ([sidecar_path(output)] if fmt == "safetensors" else [])
+    source = Path(checkpoint)
+    sources = [source / n for n in RUN_FILES] if source.is_dir() else [source]
+    refuse_inputs(written, [p for p in sources if p.exists()])
+    there = [p for p in written if p.exists()]
+    if there and not overwrite:
+        raise OutputError(
+            f"{there[0]} already exists: an earlier export is never replaced silently; "
+            "give another --output, or --overwrite to replace it"
+        )
 
 
 def export(
@@ -266,6 +284,7 @@ def export(
     opset: int = DEFAULT_OPSET,
     data: str | Path | None = None,
     spec: str | Path | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a checkpoint, check parity on the reloaded file, and write it atomically.
 
@@ -279,6 +298,7 @@ def export(
         data: a dataset or image folder whose images the parity check uses;
             None: synthetic images.
         spec: a dataset.yaml kept elsewhere, for `data`.
+        overwrite: replace an earlier export at `output` (the checkpoint never).
 
     Returns:
         The result; its `path` is None, and nothing is written, when parity failed.
@@ -286,6 +306,7 @@ def export(
     start = time.perf_counter()
     output = Path(output)
     fmt = _check_request(resolve_format(fmt, output), output, preprocessing or argmax, opset)
+    _check_not_taken(output, fmt, checkpoint, overwrite)
     model, cfg, ckpt = load_model(checkpoint, map_location="cpu")
     module = DeployModel(model, preprocessing, argmax, len(ckpt["classes"])).eval()
     meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from segment_deeplab import device as devices
+from segment_deeplab.atomic import check_writable_dir
 from segment_deeplab.checkpoint import CheckpointError, load_any
 from segment_deeplab.data.dataset import SegmentationFolder
 from segment_deeplab.data.spec import open_dataset
@@ -161,6 +162,10 @@ def run_eval(
     `output` defaults to `eval_<split>/` in the checkpoint's run folder. Under torchrun
     every rank evaluates a shard; only rank 0 writes and gets the result (others: None).
     """
+    ckpt_path = Path(checkpoint)
+    run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    out = Path(output) if output is not None else run_dir / f"eval_{split}"
+    check_writable_dir(out)  # before the work, not after it
     ds = open_dataset(data, spec)
     info = devices.setup(device)
     try:
@@ -186,9 +191,6 @@ def run_eval(
         devices.teardown()
     if not info.is_main:
         return None
-    ckpt_path = Path(checkpoint)
-    run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    out = Path(output) if output is not None else run_dir / f"eval_{split}"
     result.update(checkpoint=str(checkpoint), dataset=str(data), split=split)
     result.update(scales=list(tta.scales), flip=tta.flip, window=tta.window)
     result["forward_dtype"] = devices.dtype_name(dtype)  # of the model's forward pass

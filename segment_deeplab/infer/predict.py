@@ -12,6 +12,7 @@ run images through it, so they decode and batch images alike.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from segment_deeplab.atomic import staged
+from segment_deeplab.atomic import OutputError, check_writable_dir, refuse_inputs, staged
 from segment_deeplab.checkpoint import load_any
 from segment_deeplab.classes import ClassInfo, colorize, overlay
 from segment_deeplab.data.decode import image_size, read_image
@@ -31,6 +32,11 @@ from segment_deeplab.data.spec import IMAGE_EXTS
 from segment_deeplab.device import pick_device
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
+
+# Images above this many pixels are predicted in tiles of AUTO_WINDOW (as --window
+# does), so a scan or an aerial photo does not need one giant forward pass.
+AUTO_TILE_PIXELS = 4096 * 4096
+AUTO_WINDOW = 1024
 
 
 @dataclass
@@ -141,11 +147,34 @@ def _predict_group(
     # Decoded sizes match the headers; a mismatch still must not break the batch.
     for shape in dict.fromkeys(p.image.shape for p in loaded):
         batch = [p for p in loaded if p.image.shape == shape]
-        probs = predict_probs(model, torch.stack([p.image for p in batch]), tta, dtype)
+        try:
+            stack = torch.stack([p.image for p in batch])
+            probs = predict_probs(model, stack, _fit(tta, shape), dtype)
+        except (RuntimeError, MemoryError) as e:  # out of memory: these fail, the rest go on
+            if not _out_of_memory(e):
+                raise
+            h, w = shape[-2:]
+            e = RuntimeError(f"{w}x{h} did not fit in memory ({e}); try --window 513")
+            out += [Predicted(p.index, error=e) for p in batch]
+            continue
         for p, prob in zip(batch, probs, strict=True):
             p.probs = prob
             out.append(p)
     return out
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return (
+        isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "alloc" in text or "memory" in text
+    )
+
+
+def _fit(tta: TTA, shape: torch.Size) -> TTA:
+    """`tta`, tiled by AUTO_WINDOW when an image is too large for one pass."""
+    if tta.window is None and shape[-2] * shape[-1] > AUTO_TILE_PIXELS:
+        return dataclasses.replace(tta, window=AUTO_WINDOW)
+    return tta
 
 
 def predict_groups(
@@ -170,6 +199,25 @@ def predict_groups(
     """
     for group in _groups(sources, max(1, batch_size)):
         yield from _predict_group(model, sources, group, tta, dtype)
+
+
+def output_files(out: Path, stem: str, save_probs: bool) -> list[Path]:
+    """The files `write_prediction` writes for one image."""
+    names = [f"{stem}.png", f"{stem}_overlay.jpg"] + ([f"{stem}_probs.npy"] if save_probs else [])
+    return [out / n for n in names]
+
+
+def _check_outputs(out: Path, stems: list[str], paths: list[Path], save_probs, overwrite):
+    """Inputs are never written over; earlier outputs only when asked to (`overwrite`)."""
+    planned = [f for stem in stems for f in output_files(out, stem, save_probs)]
+    refuse_inputs(planned, paths)
+    there = [f for f in planned if f.exists()]
+    if there and not overwrite:
+        raise OutputError(
+            f"{there[0]} already exists{f' (and {len(there) - 1} more)' if len(there) > 1 else ''}"
+            ": an earlier prediction is never replaced silently; give another --output, or "
+            "--overwrite to replace earlier predictions"
+        )
 
 
 def write_prediction(
@@ -207,6 +255,7 @@ def predict(
     save_probs: bool = False,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
@@ -216,12 +265,19 @@ def predict(
         classes: the checkpoint's classes (colours, names for the legend).
         batch_size: images of the same size are predicted together.
         dtype: the forward pass's autocast dtype (see `tta.forward_dtype`).
+        overwrite: replace files an earlier prediction left in `output` (an input is
+            never written over, whatever this says).
+
+    Raises:
+        OutputError: `output` cannot be written, or would be written over an input or,
+            without `overwrite`, over an earlier prediction. Nothing is written then.
     """
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(output)
     paths, failed = collect_inputs(inputs)
-    result = PredictResult(failed=list(failed))
     stems = output_stems(paths)
+    _check_outputs(out, stems, paths, save_probs, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    result = PredictResult(failed=list(failed))
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
     for p in predict_groups(model, paths, batch_size, tta, dtype):
         name = paths[p.index].name
@@ -247,6 +303,7 @@ def run_predict(
     **options,
 ) -> PredictResult:
     """Load a model (run folder, checkpoint or export) and `predict` with its classes."""
+    check_writable_dir(output)
     dev = pick_device(device)
     loaded = load_any(checkpoint, dev)
     model = for_inference(loaded.model, dev)

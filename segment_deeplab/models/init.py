@@ -11,11 +11,16 @@ does not fit (e.g. a classifier for another number of classes) keeps its fresh i
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
+import huggingface_hub.constants as hub  # timm's own dependency: its hub client
 import torch
 import torch.nn as nn
 
@@ -194,6 +199,32 @@ def _offline_help(name: str) -> str:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the Hugging Face hub opens within `timeout` seconds (with
+    a proxy configured, assume so: the proxy may reach what this machine cannot)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _cache_only(on: bool) -> Iterator[None]:
+    """The hub client in offline mode (local cache only) while `on`."""
+    if not on:
+        yield
+        return
+    before, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
 def load_pretrained(model: nn.Module, verbose: bool = False) -> InitSummary:
     """Load timm's named pretrained weights into the model's backbone.
 
@@ -208,13 +239,18 @@ def load_pretrained(model: nn.Module, verbose: bool = False) -> InitSummary:
             "model.init_checkpoint=PATH"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    # Without a way to the hub, read the local cache only: the hub client would retry
+    # for about a minute before giving up.
+    unreachable = not offline and not _hub_reachable()
     try:
-        src = create_features(name, model.output_stride, pretrained=True)
+        with _cache_only(unreachable):
+            src = create_features(name, model.output_stride, pretrained=True)
     except ModelError:
         raise
     except Exception as e:  # hub, HTTP and file errors differ by library version
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         note = " (HF_HUB_OFFLINE is set)" if offline else ""
+        note = " (the hub cannot be reached from here)" if unreachable else note
         raise ModelError(f"{_offline_help(name)}{note}. Cause: {detail}") from e
     source = {f"{BACKBONE}{k}": v for k, v in src.state_dict().items() if _is_weight(k)}
     return load_state_dict_loose(model, source, f"timm '{name}' pretrained", verbose)

@@ -22,12 +22,14 @@ def log_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def open_tensorboard(out: Path):
+def open_tensorboard(out: Path, step: int = 0):
+    """A TensorBoard writer for `out/tb`; a resumed run (`step` > 0) drops the events of
+    steps after its checkpoint, which it trains and logs again."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but keep training if it breaks
         return None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(out / "tb"), purge_step=step + 1 if step else None)
 
 
 class RunLog:

@@ -176,7 +176,7 @@ def fit(
     """
     run = setup_run(cfg, spec, Path(out_dir), resume, device, verbose)
     tc, info = cfg.train, run.info
-    writer = open_tensorboard(run.out) if info.is_main else None
+    writer = open_tensorboard(run.out, run.step) if info.is_main else None
     log = RunLog(run.out / "metrics.jsonl", writer, spec, info.is_main)
     bar = _progress_bar(run, progress)
     interrupted = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segment_deeplab.atomic import write_text
 from segment_deeplab.checkpoint import FORMAT, CheckpointError, load_file
 from segment_deeplab.config import Config, ConfigError
 from segment_deeplab.data.spec import DatasetSpec
@@ -49,26 +51,33 @@ def load_run_state(run_dir: Path, device: torch.device) -> RunState:
     return RunState(ck, path)
 
 
-def _diff(old: dict, new: dict, prefix: str) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [
-        f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    ]
+# Settings a resumed run may change: how long it runs, how often it logs, validates
+# and saves, how the loader and the model are run. Any other change (model, data
+# pipeline, optimizer, loss, precision, seed) would make it another run: refused.
+MAY_CHANGE = (
+    "train.steps",
+    "train.epochs",
+    "train.time",
+    "train.val_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.compile",
+    "data.workers",
+)
+# Filled in from the dataset or the weights, not chosen: never a difference.
+_DERIVED = ("model.num_classes", "model.logit_bias", "model.pretrained", "model.init_checkpoint")
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
 
 
 def check_resume(ckpt: dict[str, Any], cfg: Config, spec: DatasetSpec) -> None:
-    """Refuse to resume with another model, data pipeline or dataset; list the differences."""
-    old = Config.from_dict(ckpt["config"])
-    old.model.num_classes = cfg.model.num_classes or old.model.num_classes
-    ignore = {"pretrained", "init_checkpoint", "logit_bias"}
-    om = {k: v for k, v in vars(old.model).items() if k not in ignore}
-    nm = {k: v for k, v in vars(cfg.model).items() if k not in ignore}
-    diffs = _diff(om, nm, "model.")
-    diffs += _diff(
-        {"batch_size": old.data.batch_size, "seed": old.train.seed},
-        {"batch_size": cfg.data.batch_size, "seed": cfg.train.seed},
-        "",
-    )
+    """Refuse to resume with another model, data pipeline, recipe or dataset; list the
+    differences. Only `MAY_CHANGE` settings may differ from the run's."""
+    old, new = _flat(Config.from_dict(ckpt["config"])), _flat(cfg)
+    skip = set(MAY_CHANGE) | set(_DERIVED)
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in skip and old[k] != new[k]]
     classes = [c["name"] for c in ckpt.get("classes", [])]
     if classes != spec.class_names:
         diffs.append(f"classes: {classes} -> {spec.class_names}")
@@ -78,6 +87,26 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, spec: DatasetSpec) -> None:
         raise ConfigError(
             "cannot resume: this run was started with a different setup:\n  "
             + "\n  ".join(diffs)
-            + "\nResume with the original settings, or start a new run (--output NEW_DIR,"
-            " optionally --init-checkpoint from this run's last.pt)"
+            + f"\nA resumed run may change only {', '.join(MAY_CHANGE)}. Resume with the "
+            "original settings, or start a new run (--output NEW_DIR, optionally "
+            "--init-checkpoint from this run's last.pt)"
         )
+
+
+def tidy_run_folder(out: Path, step: int) -> None:
+    """Before a resumed run goes on: drop temporary files a killed write left, and the
+    log records of steps after the checkpoint (they will be trained and logged again)."""
+    for tmp in out.glob(".*.tmp"):
+        if tmp.name.split(".")[1] in ("last", "best", "config", "dataset", "report"):
+            tmp.unlink(missing_ok=True)
+    log = out / "metrics.jsonl"
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut off by the kill
+            continue
+    write_text(log, "".join(f"{line}\n" for line in kept))

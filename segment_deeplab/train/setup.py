@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 
 from segment_deeplab import checkpoint
 from segment_deeplab import device as devices
+from segment_deeplab.atomic import check_writable_dir
 from segment_deeplab.config import Config, ConfigError, TrainConfig, save_config
 from segment_deeplab.data.dataset import SegmentationFolder, build_loader
 from segment_deeplab.data.spec import DatasetSpec
 from segment_deeplab.data.transforms import eval_transforms
 from segment_deeplab.losses import build_loss, prior_logit_bias
 from segment_deeplab.train import schedule
-from segment_deeplab.train.resume import RunState, check_resume, load_run_state
+from segment_deeplab.train.resume import RunState, check_resume, load_run_state, tidy_run_folder
 
 # Below this per-device batch, batch-norm statistics are too noisy to fine-tune
 # (TF DeepLab's fine_tune_batch_norm advice); pretrained statistics are kept instead.
@@ -143,14 +144,23 @@ class Run:
 
 
 def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState | None:
+    """last.pt of the run to resume; for a new run, a folder that is new or empty.
+
+    A run folder is new or resumed, nothing in between: files of an earlier run (or
+    anything else) in `out` are never written over or appended to.
+    """
     if resume:
         state = load_run_state(out, info.device)
         check_resume(state.checkpoint, cfg, spec)
         return state
-    if info.is_main and (out / "last.pt").exists():
+    check_writable_dir(out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() and info.is_main else []
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        how = f"continue it with --resume {out}, or " if "last.pt" in held else ""
         raise TrainingError(
-            f"{out} already holds a run (last.pt); continue it with --resume {out}, "
-            "or choose another --output"
+            f"{out} already holds {shown}: a new run needs a new or empty folder; "
+            f"{how}choose another --output"
         )
     return None
 
@@ -191,6 +201,8 @@ def setup_run(
     if state is not None:
         run.step, run.elapsed, run.best = state.restore(model, optimizer, scaler)
         run.last_path = state.path
+        if info.is_main:
+            tidy_run_folder(out, run.step)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

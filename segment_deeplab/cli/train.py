@@ -143,9 +143,11 @@ def _default_base(args):
 
 
 def _recorded_dataset(run) -> str:
-    from segment_deeplab.checkpoint import load_file
+    from segment_deeplab.checkpoint import read_meta
 
-    ck = load_file(run / "last.pt")
+    if not run.is_dir():
+        raise UserError(f"--resume {run}: no such run folder")
+    ck = read_meta(run / "last.pt") if (run / "last.pt").is_file() else {}
     if ck.get("dataset_path"):
         return ck["dataset_path"]
     if (run / "dataset.yaml").is_file():

@@ -143,6 +143,11 @@ class Run:
         return self.out / name
 
 
+def _never_saved(out: Path) -> bool:
+    """A run folder whose run was stopped before it wrote any checkpoint."""
+    return (out / "config.yaml").is_file() and not (out / "best.pt").exists()
+
+
 def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState | None:
     """last.pt of the run to resume; for a new run, a folder that is new or empty.
 
@@ -150,6 +155,11 @@ def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState 
     anything else) in `out` are never written over or appended to.
     """
     if resume:
+        if not (out / "last.pt").exists() and _never_saved(out):
+            # Stopped before its first checkpoint: nothing to continue, nothing to lose.
+            if info.is_main:
+                tidy_run_folder(out, 0)
+            return None
         state = load_run_state(out, info.device)
         check_resume(state.checkpoint, cfg, spec)
         return state

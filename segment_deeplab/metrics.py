@@ -107,8 +107,17 @@ class ConfusionMatrix:
 
 
 def background_index(class_names: Sequence[str], flag: int | None = None) -> int | None:
-    """The class to leave out of foreground mIoU: `flag`, else one named 'background'."""
+    """The class to leave out of foreground mIoU: `flag`, else one named 'background'.
+
+    Raises:
+        ValueError: `flag` is no class id.
+    """
     if flag is not None:
+        if not 0 <= flag < len(class_names):
+            raise ValueError(
+                f"--background {flag} is no class id; the classes are 0..{len(class_names) - 1} "
+                f"({', '.join(class_names)})"
+            )
         return flag
     for i, name in enumerate(class_names):
         if name.strip().lower() == "background":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segment_deeplab.cli.common import dataset_args
+from segment_deeplab.cli.common import UserError, dataset_args
 
 
 def _add_synth(sub) -> argparse.ArgumentParser:
@@ -19,11 +19,18 @@ def _add_synth(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_synth(args) -> int:
+    from segment_deeplab.atomic import check_writable_dir
     from segment_deeplab.data.synthetic import generate
 
-    spec = generate(
-        args.output, num=args.num, seed=args.seed, size=tuple(args.size), num_classes=args.classes
-    )
+    out = check_writable_dir(args.output, flag="OUTPUT")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; synth writes a new dataset into a new folder")
+    try:
+        spec = generate(
+            out, num=args.num, seed=args.seed, size=tuple(args.size), num_classes=args.classes
+        )
+    except ValueError as e:
+        raise UserError(f"synth: {e}") from e
     print(f"wrote {args.num} pairs and {spec} ({args.classes} classes)")
     return 0
 

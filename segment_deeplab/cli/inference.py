@@ -151,6 +151,9 @@ def _cmd_report(args) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise UserError(f"run folder not found: {run}")
+    run_files = ("metrics.jsonl", "config.yaml", "best.pt", "last.pt")
+    if not any((run / n).exists() for n in run_files) and args.eval_dir is None:
+        raise UserError(f"{run} is not a run folder: it holds none of {', '.join(run_files)}")
     if args.gallery < 0:
         raise UserError(f"--gallery must be 0 or more, got {args.gallery}")
     if args.eval_dir and not (Path(args.eval_dir) / "metrics.json").is_file():

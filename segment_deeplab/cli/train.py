@@ -89,6 +89,8 @@ def _cmd_train(args) -> int:
 
     if args.resume:
         run = Path(args.resume)
+        if not run.is_dir():
+            raise UserError(f"--resume {run}: no such run folder")
         if args.output and Path(args.output).resolve() != run.resolve():
             raise UserError("--resume continues RUN_DIR in place; drop --output")
         base = args.config or (run / "config.yaml")

@@ -109,9 +109,18 @@ def decode_rgb(data: bytes, path: Path | str, hint: str = "") -> torch.Tensor:
             return img
         except (RuntimeError, ValueError):
             pass  # formats libjpeg/libpng decline; PIL reads more of them
+    if not data:
+        raise DatasetError(
+            f"cannot read image {path}: the file is empty" + (f"; {hint}" if hint else "")
+        )
     try:
         return _pil_rgb(data)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:
+        why = "not an image format torchvision or PIL reads (JPEG, PNG, ...)"
+        raise DatasetError(
+            f"cannot read image {path}: {why}" + (f"; {hint}" if hint else "")
+        ) from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}" + (f"; {hint}" if hint else "")) from e
 
 

@@ -173,9 +173,9 @@ def generate(
         The path of the written dataset.yaml. Its `val` split holds the last quarter
         of the pairs (none when `num` < 4) and `train` the rest.
     """
-    if num_classes < 2:
+    if not 2 <= num_classes <= 255:
         raise ValueError(
-            f"num_classes must be at least 2 (background + a shape), got {num_classes}"
+            f"num_classes must be 2 (background + a shape) to 255 (8-bit masks), got {num_classes}"
         )
     if num < 1 or min(size) < 8:
         raise ValueError(f"need num >= 1 and a size of at least 8x8, got num={num}, size={size}")

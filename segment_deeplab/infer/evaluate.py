@@ -22,7 +22,7 @@ from segment_deeplab import device as devices
 from segment_deeplab.atomic import check_writable_dir
 from segment_deeplab.checkpoint import CheckpointError, load_any
 from segment_deeplab.data.dataset import SegmentationFolder
-from segment_deeplab.data.spec import open_dataset
+from segment_deeplab.data.spec import DatasetError, open_dataset
 from segment_deeplab.infer.eval_outputs import write_outputs
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_scores
@@ -167,6 +167,10 @@ def run_eval(
     out = Path(output) if output is not None else run_dir / f"eval_{split}"
     check_writable_dir(out)  # before the work, not after it
     ds = open_dataset(data, spec)
+    try:
+        background = background_index(ds.class_names, background)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     info = devices.setup(device)
     try:
         loaded = load_any(checkpoint, info.device)
@@ -183,7 +187,7 @@ def run_eval(
             tta,
             progress,
             class_names=ds.class_names,
-            background=background_index(ds.class_names, background),
+            background=background,
             batch_size=batch_size,
             dtype=dtype,
         )

@@ -22,11 +22,15 @@ def parse_duration(text: str | None) -> float | None:
         return None
     text = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise ConfigError(f"cannot read the time budget '{text}'; write e.g. 90s, 20m or 1h30m")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+        if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+            raise ConfigError(f"cannot read the time budget '{text}'; write e.g. 90s, 20m or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"the time budget '{text}' is no time at all; give e.g. 90s or 20m")
+    return seconds
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:

@@ -444,3 +444,37 @@ def test_a_zero_batch_flag_is_refused(dataset, tmp_path, capsys) -> None:
     rc, err = run_cli(capsys, "train", "--data", dataset, "--output", tmp_path / "r",
                       "--steps", "1", "--batch-size", "0", "--no-progress")  # fmt: skip
     assert rc == 2 and "'data.batch_size' must be at least 1" in err
+
+
+def test_overwrite_replaces_only_what_the_tool_wrote(dataset, run_dir, tmp_path, capsys) -> None:
+    """--overwrite is for earlier predictions and exports: a user's masks folder or
+    photo is refused even then, and so is a run folder inside the dataset."""
+    mine = tmp_path / "masks"
+    mine.mkdir()
+    photos = _photos(tmp_path / "in", 1)
+    (mine / "photo0.png").write_bytes(b"my hand-drawn mask")
+    rc, err = run_cli(capsys, "predict", "--checkpoint", run_dir, *photos, "--output", mine,
+                      "--overwrite", "--no-progress")  # fmt: skip
+    assert rc == 2 and "earlier predictions only" in err
+    assert (mine / "photo0.png").read_bytes() == b"my hand-drawn mask"
+    rc, err = run_cli(capsys, "export", "--checkpoint", run_dir, "--output", photos[0],
+                      "--format", "onnx", "--overwrite")  # fmt: skip
+    assert rc == 2 and "no export" in err and photos[0].read_bytes()[:4] == b"\x89PNG"
+    rc, err = run_cli(capsys, "train", "--data", dataset, "--output", dataset / "images" / "r",
+                      "--steps", "1", "--no-progress", *SMALL)  # fmt: skip
+    assert rc == 1 and "inside the dataset" in err
+    assert not (dataset / "images" / "r").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_mask_broken_after_prepare_stops_training_by_name(tmp_path, capsys, workers) -> None:
+    """The file changed after `prepare` checked it: training stops with its name, in one
+    line (a DataLoader worker's traceback is not passed on)."""
+    assert main(["synth", str(tmp_path / "d"), "--num", "8", "--size", "48", "64"]) == 0
+    assert main(["prepare", str(tmp_path / "d"), "--val-fraction", "0.25"]) == 0
+    for mask in (tmp_path / "d" / "masks").iterdir():
+        mask.write_bytes(mask.read_bytes()[:50])
+    argv = ["train", "--data", tmp_path / "d", "--output", tmp_path / "r", "--steps", "2"]
+    rc, err = run_cli(capsys, *argv, "--no-progress", *SMALL, f"data.workers={workers}")
+    assert rc == 2 and "masks/" in err and "cannot be read" in err
+    assert len(err.strip().splitlines()) <= 2

@@ -49,6 +49,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*errors, ExportError, OutputError)
 
 
+def _message(e: BaseException) -> str:
+    """The error's own words; for one raised in a DataLoader worker, the original's
+    last line (torch wraps it in the worker's traceback)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def _os_error(e: OSError) -> str:
     """A file system error as one line that names the file: disk full, no permission."""
     where = f": {e.filename}" if e.filename else ""
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if isinstance(e, _user_errors()):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_message(e)}", file=sys.stderr)
             return 2
         if isinstance(e, OSError):
             print(f"error: {_os_error(e)}", file=sys.stderr)

@@ -35,7 +35,14 @@ from torch import nn
 
 from segment_deeplab import __version__
 from segment_deeplab.atomic import OutputError, check_writable_file, refuse_inputs, staged
-from segment_deeplab.checkpoint import FORMAT, RUN_FILES, load_model, load_safetensors
+from segment_deeplab.checkpoint import (
+    FORMAT,
+    RUN_FILES,
+    CheckpointError,
+    load_model,
+    load_safetensors,
+    sniff_format,
+)
 from segment_deeplab.config import Config
 from segment_deeplab.export.parity import (
     Parity,
@@ -268,6 +275,15 @@ def _check_not_taken(output: Path, fmt: str, checkpoint: str | Path, overwrite: 
     sources = [source / n for n in RUN_FILES] if source.is_dir() else [source]
     refuse_inputs(written, [p for p in sources if p.exists()])
     there = [p for p in written if p.exists()]
+    if there and overwrite:
+        try:
+            known = sniff_format(output) in ("onnx", "torchscript", "safetensors")
+        except CheckpointError:
+            known = False
+        if not known:
+            raise OutputError(
+                f"{output} exists and is no export: --overwrite replaces exports only"
+            )
     if there and not overwrite:
         raise OutputError(
             f"{there[0]} already exists: an earlier export is never replaced silently; "

@@ -37,6 +37,8 @@ from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict
 # does), so a scan or an aerial photo does not need one giant forward pass.
 AUTO_TILE_PIXELS = 4096 * 4096
 AUTO_WINDOW = 1024
+# Left in every output folder: `--overwrite` replaces files only where it finds it.
+PREDICTIONS_MARK = ".deeplab-predictions"
 
 
 @dataclass
@@ -212,6 +214,11 @@ def _check_outputs(out: Path, stems: list[str], paths: list[Path], save_probs, o
     planned = [f for stem in stems for f in output_files(out, stem, save_probs)]
     refuse_inputs(planned, paths)
     there = [f for f in planned if f.exists()]
+    if there and overwrite and not (out / PREDICTIONS_MARK).is_file():
+        raise OutputError(
+            f"{there[0]} exists, and {out} is not a folder `deeplab predict` wrote (no "
+            f"{PREDICTIONS_MARK}): --overwrite replaces earlier predictions only"
+        )
     if there and not overwrite:
         raise OutputError(
             f"{there[0]} already exists{f' (and {len(there) - 1} more)' if len(there) > 1 else ''}"
@@ -277,6 +284,7 @@ def predict(
     stems = output_stems(paths)
     _check_outputs(out, stems, paths, save_probs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    (out / PREDICTIONS_MARK).touch()
     result = PredictResult(failed=list(failed))
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
     for p in predict_groups(model, paths, batch_size, tta, dtype):

@@ -164,6 +164,11 @@ def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState 
         check_resume(state.checkpoint, cfg, spec)
         return state
     check_writable_dir(out)
+    for folder in (spec.image_dir, spec.mask_dir):
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise TrainingError(
+                f"--output {out} lies inside the dataset's {folder}; put runs elsewhere"
+            )
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() and info.is_main else []
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")

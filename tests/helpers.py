@@ -24,6 +24,9 @@ TINY = [
     "train.checkpoint_every=1000",
 ]
 
+# The same with a lighter backbone: checkpoints of a few MB, quick to write every step.
+SMALL = ["model.model_variant=mobilenet_v3_small", *TINY[1:]]
+
 
 def make_dataset(root: Path, seed: int = 1) -> Path:
     """16 synthetic 64x80 pairs, prepared with a 12/4 train/val split."""

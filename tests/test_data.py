@@ -146,14 +146,30 @@ def test_eval_preset_keeps_the_full_image() -> None:
 
 
 # --------------------------------------------------------------------------- folder
-def test_palette_masks_give_indices(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path)
+def _phone_pair(spec: DatasetSpec) -> None:
+    """A JPEG stored rotated with EXIF orientation 6, its mask drawn on the upright
+    picture (40 x 24 upright, 24 x 40 as stored)."""
+    upright = np.zeros((40, 24, 3), np.uint8)
+    upright[:20] = (255, 0, 0)  # red top half, blue bottom half
+    upright[20:] = (0, 0, 255)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(spec.image_dir / "phone.jpg", exif=exif.tobytes(), quality=95)
+    ids = np.zeros((40, 24), np.uint8)
+    ids[20:] = 2
+    ids[0, :3] = IGNORE
+    Image.fromarray(ids).save(spec.mask_dir / "phone.png")
+
+
+def _palette_pairs(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Palette masks: 3 colours with transparency (PIL writes them 2-bit, where
+    torchvision.io decodes garbage) and a VOC-style 256-colour palette holding the
+    ignore index; plus a grey mask saved RGB. Returns the ids of the two palette masks."""
     few = np.array([[0, 1, 2, 1], [2, 2, 1, 0], [1, 0, 0, 2]], np.uint8)
     voc = few.copy()
     voc[1, 2] = IGNORE
     pal = [30, 60, 90, 200, 10, 10, 10, 200, 10]
-    # A 3-colour palette with transparency (PIL writes it 2-bit, where torchvision.io
-    # decodes garbage) and a VOC-style 256-colour palette holding the ignore index.
     for stem, ids, palette, extra in (
         ("few", few, pal, {"transparency": 0}),
         ("voc", voc, pal + [255, 255, 255] * 253, {}),
@@ -163,6 +179,14 @@ def test_palette_masks_give_indices(tmp_path: Path) -> None:
         m.putdata(ids.ravel().tolist())
         m.putpalette(palette)
         m.save(spec.mask_dir / f"{stem}.png", **extra)
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(spec.image_dir / "grey.jpg")
+    Image.fromarray(np.repeat(few[..., None], 3, axis=2)).save(spec.mask_dir / "grey.png")
+    return few, voc
+
+
+def test_palette_masks_give_indices(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    few, voc = _palette_pairs(spec)
     ds = SegmentationFolder(spec, stems=["few", "voc"])
     for i, ids in enumerate((few, voc)):
         image, mask = ds[i]
@@ -271,42 +295,6 @@ def test_default_workers_follow_the_device() -> None:
 
 
 # --------------------------------------------------------------------------- one decoder
-def _phone_pair(spec: DatasetSpec) -> None:
-    """A JPEG stored rotated with EXIF orientation 6, its mask drawn on the upright
-    picture (40 x 24 upright, 24 x 40 as stored)."""
-    upright = np.zeros((40, 24, 3), np.uint8)
-    upright[:20] = (255, 0, 0)  # red top half, blue bottom half
-    upright[20:] = (0, 0, 255)
-    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
-    exif = stored.getexif()
-    exif[0x0112] = 6
-    stored.save(spec.image_dir / "phone.jpg", exif=exif.tobytes(), quality=95)
-    ids = np.zeros((40, 24), np.uint8)
-    ids[20:] = 2
-    ids[0, :3] = IGNORE
-    Image.fromarray(ids).save(spec.mask_dir / "phone.png")
-
-
-def _palette_pairs(spec: DatasetSpec) -> None:
-    """Palette masks: 3 colours with transparency (PIL writes them 2-bit) and a
-    VOC-style 256-colour palette holding the ignore index; plus a grey mask saved RGB."""
-    few = np.array([[0, 1, 2, 1], [2, 2, 1, 0], [1, 0, 0, 2]], np.uint8)
-    voc = few.copy()
-    voc[1, 2] = IGNORE
-    pal = [30, 60, 90, 200, 10, 10, 10, 200, 10]
-    for stem, ids, palette, extra in (
-        ("few", few, pal, {"transparency": 0}),
-        ("voc", voc, pal + [255, 255, 255] * 253, {}),
-    ):
-        Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(spec.image_dir / f"{stem}.png")
-        m = Image.new("P", (4, 3))
-        m.putdata(ids.ravel().tolist())
-        m.putpalette(palette)
-        m.save(spec.mask_dir / f"{stem}.png", **extra)
-    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(spec.image_dir / "grey.jpg")
-    Image.fromarray(np.repeat(few[..., None], 3, axis=2)).save(spec.mask_dir / "grey.png")
-
-
 @pytest.mark.parametrize("color_masks", [False, True])
 def test_validate_and_training_read_the_same_ids(tmp_path: Path, color_masks: bool) -> None:
     """What `deeplab validate` checks is what training loads: for every pair, the size

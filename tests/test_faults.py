@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, stop_at
+from helpers import SMALL, TINY, stop_at
 from PIL import Image
 
 from segment_deeplab.checkpoint import CheckpointError, load_any, load_file, read_meta
@@ -28,21 +28,6 @@ from segment_deeplab.cli import main
 from segment_deeplab.config import load_config
 from segment_deeplab.data.spec import open_dataset
 from segment_deeplab.train.loop import fit
-
-# A model small enough that a checkpoint write is quick (a few MB), for the runs here.
-SMALL = [
-    "model.model_variant=mobilenet_v3_small",
-    "model.aspp_channels=16",
-    "model.decoder_channels=16",
-    "model.low_level_channels=8",
-    "data.crop_size=[64,64]",
-    "data.batch_size=4",
-    "data.workers=0",
-    "train.lr=0.02",
-    "train.log_every=1",
-    "train.val_every=1000",
-    "train.checkpoint_every=1000",
-]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from segment_deeplab.atomic import write_bytes, write_text
+from segment_deeplab.atomic import check_writable_dir, write_bytes, write_text
 from segment_deeplab.classes import placeholder_classes
 from segment_deeplab.data.decode import MaskOptions, read_mask
 from segment_deeplab.data.pairs import dataset_hash, parallel_map
@@ -131,15 +130,6 @@ def _output_dir(dataset, output, spec: DatasetSpec | None, image_dir: Path) -> P
     return spec.path.parent if spec and spec.path else image_dir.parent
 
 
-def _check_writable(out_dir: Path) -> None:
-    probe = out_dir
-    while not probe.exists():
-        probe = probe.parent
-    # No write bit for anyone means "read-only" even to root, whom access() lets through.
-    if not os.access(probe, os.W_OK) or not probe.stat().st_mode & 0o222:
-        raise DatasetError(f"{out_dir} is read-only; write the description elsewhere: --output DIR")
-
-
 def _contiguous_ids(report: ValidationReport) -> list[int]:
     ids = report.class_ids
     if not ids:
@@ -200,11 +190,12 @@ def prepare_dataset(
 
     Raises:
         ValidationFailed: validation found errors (nothing is written).
-        DatasetError: unusable input or a read-only output folder.
+        DatasetError: unusable input.
+        OutputError: an output folder that is a file or cannot be written.
     """
     ds, image_dir, mask_dir, _ = resolve_dataset(dataset, images, masks, spec)
     out_dir = _output_dir(dataset, output, ds, image_dir)
-    _check_writable(out_dir)
+    check_writable_dir(out_dir)  # refused before the long pass, with the folder named
     make_split([], val_fraction, seed)  # checks the fraction before the long pass
     report = validate_dataset(
         ds, image_dir, mask_dir, remap=remap, workers=workers, progress=progress

@@ -97,7 +97,7 @@ def tidy_run_folder(out: Path, step: int) -> None:
     """Before a resumed run goes on: drop temporary files a killed write left, and the
     log records of steps after the checkpoint (they will be trained and logged again)."""
     for tmp in out.glob(".*.tmp"):
-        if tmp.name.split(".")[1] in ("last", "best", "config", "dataset", "report"):
+        if tmp.name.split(".")[1] in ("last", "best", "config", "dataset", "report", "metrics"):
             tmp.unlink(missing_ok=True)
     log = out / "metrics.jsonl"
     if not log.is_file():

@@ -33,8 +33,14 @@ def machine() -> str:
     )
 
 
-def prepared_camvid(cache: Path, source: str = CAMVID_SOURCE) -> Path:
-    """dataset.yaml of CamVid prepared (seeded 80/20 split) into `cache`, once."""
+# CamVid's file names start with their video sequence (0001TP_006690): grouping by it
+# holds whole sequences out, so val frames are no neighbours of training frames.
+SEQUENCE = "^([^_]+)_"
+
+
+def prepared_camvid(cache: Path, source: str = CAMVID_SOURCE, group_by: str | None = None) -> Path:
+    """dataset.yaml of CamVid prepared into `cache`, once: a seeded 80/20 split of the
+    frames, or with `group_by` (e.g. `SEQUENCE`) one of whole groups."""
     spec = cache / "dataset.yaml"
     if spec.is_file():
         return spec
@@ -45,6 +51,8 @@ def prepared_camvid(cache: Path, source: str = CAMVID_SOURCE) -> Path:
         )
     deeplab = Path(sys.executable).parent / "deeplab"
     cmd = [str(deeplab), "prepare", source, "--spec", str(ROOT / "datasets/camvid.yaml")]
+    if group_by:
+        cmd += ["--group-by", group_by]
     subprocess.run([*cmd, "--output", str(cache)], check=True)
     return spec
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, machine, prepared_camvid  # noqa: E402
+from common import ROOT, SEQUENCE, machine, prepared_camvid  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RECIPE = "configs/deeplabv3plus_resnet18_camvid_256.yaml"
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     data = str(prepared_camvid(out / "camvid"))
     print(machine(), file=sys.stderr)
     if args.accuracy:
-        run = out / f"camvid_{args.budget}"
+        # Whole video sequences held out: the figure users will see on new footage.
+        data = str(prepared_camvid(out / "camvid_sequences", group_by=SEQUENCE))
+        run = out / f"camvid_sequences_{args.budget}"
         _run(
             "camvid_accuracy",
             ["camvid_accuracy.py", "compare", "--data", data, "--budget", args.budget,

@@ -24,11 +24,12 @@ from torch import nn
 
 from segment_deeplab.checkpoint import load_any, sniff_format
 from segment_deeplab.classes import ClassInfo, colorize, overlay
-from segment_deeplab.data.decode import read_image
+from segment_deeplab.data.decode import image_size, read_image
 from segment_deeplab.device import pick_device
 from segment_deeplab.export.runtime import ExportError
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.predict import predict_groups
+from segment_deeplab.infer.runtimes import RUNTIMES, Choice, choose_runtime
 from segment_deeplab.infer.tta import TTA, forward_dtype, labels
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -83,6 +84,7 @@ class Segmenter:
         ignore_index: the mask value that marks unlabelled pixels.
         tta: scales, flip and window, as `deeplab predict --scales/--flip/--window`.
         dtype: the autocast dtype of the forward pass (None: fp32).
+        runtime: the engine of the forward pass (PyTorch, onnxruntime, OpenVINO).
 
     `Segmenter(model, ...)` prepares `model` for inference in place (eval mode, batch
     norm folded into the convolutions, `fold.for_inference`): pass a copy of a model
@@ -100,6 +102,7 @@ class Segmenter:
         flip: bool = False,
         window: int | None = None,
         amp: str = "auto",
+        runtime: str = "auto",
     ) -> None:
         self.device = pick_device(device)
         self.model = for_inference(model, self.device)
@@ -107,6 +110,25 @@ class Segmenter:
         self.ignore_index = ignore_index
         self.tta = TTA(tuple(scales), flip, window)
         self.dtype = forward_dtype(self.model, amp, self.device)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime '{runtime}'; use one of {', '.join(RUNTIMES)}")
+        self._runtime = runtime
+        self.choice: Choice | None = None  # made at the first prediction
+
+    @property
+    def runtime(self) -> str:
+        """The engine that runs the forward pass (chosen at the first prediction when
+        `runtime="auto"`; see `infer.runtimes`)."""
+        return self.choice.runtime if self.choice else self._runtime
+
+    def _engine(self, first: torch.Tensor | Path) -> tuple[nn.Module, torch.dtype | None]:
+        if self.choice is None:
+            size = tuple(first.shape[-2:]) if torch.is_tensor(first) else image_size(first)
+            self.choice = choose_runtime(self.model, self.device, self.dtype, self._runtime, size)
+            self.model = self.choice.model
+            if not self.choice.dtype_applies:
+                self.dtype = None
+        return self.model, self.dtype
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -129,6 +151,7 @@ class Segmenter:
         flip: bool = False,
         window: int | None = None,
         amp: str = "auto",
+        runtime: str = "auto",
     ) -> Segmenter:
         """Load a run folder, a checkpoint, or a file written by `deeplab export`.
 
@@ -139,12 +162,15 @@ class Segmenter:
             device: auto, cpu, cuda or cuda:N.
             scales, flip, window: TTA settings, see `infer.tta.TTA`.
             amp: precision of the forward pass (exported files always run as saved).
+            runtime: auto, torch, onnxruntime or openvino, for a checkpoint on the CPU
+                (auto: the fastest that agrees with PyTorch here, see `infer.runtimes`).
         """
         dev = pick_device(device)
         loaded = load_any(path, dev)
         return cls(
-            loaded.model, loaded.classes, loaded.ignore_index, dev, scales, flip, window, amp
-        )
+            loaded.model, loaded.classes, loaded.ignore_index, dev, scales, flip, window, amp,
+            runtime,
+        )  # fmt: skip
 
     @classmethod
     def from_onnx(cls, path: str | Path, device: str = "auto", **tta: Any) -> Segmenter:
@@ -176,7 +202,10 @@ class Segmenter:
         sources = [
             _existing(im) if isinstance(im, (str, Path)) else to_image_tensor(im) for im in images
         ]
-        for p in predict_groups(self.model, sources, batch_size, self.tta, self.dtype):
+        if not sources:
+            return
+        model, dtype = self._engine(sources[0])
+        for p in predict_groups(model, sources, batch_size, self.tta, dtype):
             if p.error is not None:
                 raise p.error
             yield p.index, p.probs

@@ -35,6 +35,8 @@ from segment_deeplab.export.runtime import (
     ExportedModel,
     ExportError,
     onnx_runner,
+    openvino_metadata,
+    openvino_runner,
     quiet,
     sidecar_path,
     torchscript_module,
@@ -223,13 +225,14 @@ def build_initialised(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
 # First bytes of files users hand over by mistake, for the error message.
 _NOT_MODELS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image"}
 MODEL_FILES = (
-    "a run folder, a .pt checkpoint, or an export (.onnx, TorchScript .pt, .safetensors with "
-    "its .json)"
+    "a run folder, a .pt checkpoint, or an export (.onnx, OpenVINO .xml with its .bin, "
+    "TorchScript .pt, .safetensors with its .json)"
 )
 
 
 def sniff_format(path: str | Path) -> str:
-    """onnx, torchscript, safetensors or checkpoint, from the file's first bytes (any name).
+    """onnx, openvino, torchscript, safetensors or checkpoint, from the file's first bytes
+    (any name).
 
     Raises:
         CheckpointError: the file is none of them (empty, an image, a damaged archive).
@@ -256,6 +259,10 @@ def sniff_format(path: str | Path) -> str:
         return "checkpoint"
     if head[:1] == b"\x08":  # protobuf field 1 (ir_version): an ONNX ModelProto
         return "onnx"
+    if head.startswith((b"<?xml", b"<net")):  # OpenVINO IR: XML whose root is <net>
+        with path.open("rb") as f:
+            if b"<net" in f.read(4096):
+                return "openvino"
     what = next((v for k, v in _NOT_MODELS.items() if head.startswith(k)), None)
     what = what or ("empty" if not head else "not a model file segment-deeplab knows")
     raise CheckpointError(f"{path} is {what}; give {MODEL_FILES}")
@@ -297,6 +304,14 @@ def read_metadata(path: str | Path, sidecar: str | Path | None = None) -> dict[s
         return json.loads(side.read_text())
     if fmt == "checkpoint":
         raise ExportError(f"{path} is a training checkpoint, not an exported model")
+    if fmt == "openvino":
+        weights = sidecar_path(path, fmt)
+        if not weights.is_file():
+            raise ExportError(
+                f"{weights} not found: an OpenVINO export keeps its weights in that file; "
+                f"copy it along with {path.name}"
+            )
+        return openvino_metadata(path)
     files = {METADATA_FILE: ""}
     with quiet():
         torch.jit.load(str(path), map_location="cpu", _extra_files=files)
@@ -361,6 +376,9 @@ def load_any(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     elif fmt == "onnx":
         meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
         model = _opened(fmt, path, lambda: ExportedModel(onnx_runner(path, device), meta))
+    elif fmt == "openvino":
+        meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
+        model = _opened(fmt, path, lambda: ExportedModel(openvino_runner(path, device), meta))
     else:
         meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
         model = _opened(fmt, path, lambda: ExportedModel(torchscript_module(path, device), meta))

@@ -64,6 +64,10 @@ class DataConfig:
     # Random scale range of the train preset.
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     batch_size: int = 8
+    # Photometric augmentation: brightness, contrast and saturation each scaled by a
+    # random factor in [1 - j, 1 + j] per training image (0: off). Helps a model meet
+    # lighting it did not train on (other videos, sites, cameras).
+    color_jitter: float = 0.0
     # Loader worker processes; None picks min(4, cores).
     workers: int | None = None
 
@@ -150,6 +154,7 @@ def _closest(name: str, choices: list[str]) -> str:
 _BOUNDS: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.workers": (lambda v: v >= 0, "0 or more"),
+    "data.color_jitter": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.3"),
     "train.steps": (lambda v: v >= 1, "at least 1"),
     "train.epochs": (lambda v: v >= 1, "at least 1"),
     "train.lr": (lambda v: v > 0, "positive, e.g. 0.01"),

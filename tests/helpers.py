@@ -46,3 +46,39 @@ def stop_at(monkeypatch, at_call: int) -> None:
         return real(*a, **k)
 
     monkeypatch.setattr(train_mod, "train_step", step)
+
+
+def make_run(run: Path, classes: list[dict]) -> Path:
+    """`run`/best.pt: a tiny mobilenet DeepLabV3+ whose random weights give clear argmaxes
+    (a fresh classifier's near-equal logits would not), as training would save it."""
+    import torch
+
+    from segment_deeplab.checkpoint import FORMAT
+    from segment_deeplab.checkpoint import save as atomic_save
+    from segment_deeplab.config import Config, ModelConfig
+    from segment_deeplab.models import build_model
+
+    torch.manual_seed(0)
+    cfg = Config(
+        model=ModelConfig(
+            model_variant="mobilenet_v3_small",
+            num_classes=len(classes),
+            aspp_channels=16,
+            decoder_channels=16,
+            low_level_channels=8,
+        )
+    )
+    model = build_model(cfg.model)
+    torch.nn.init.normal_(model.classifier.weight, std=2.0)
+    torch.nn.init.normal_(model.classifier.bias, std=0.1)
+    ckpt = {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "config": cfg.to_dict(),
+        "classes": classes,
+        "ignore_index": 255,
+        "dataset_hash": None,
+        "step": 0,
+    }
+    atomic_save(ckpt, run / "best.pt")
+    return run

@@ -328,3 +328,21 @@ def test_validate_and_training_read_the_same_ids(tmp_path: Path, color_masks: bo
     # The phone photo comes out upright in both: red on top, where the mask says 0.
     image, mask = folder.load([p.stem for p in pairs].index("phone"))
     assert torch.equal(image[0].int() > image[2].int(), mask != 2)
+
+
+def test_color_jitter_changes_the_image_only():
+    from segment_deeplab.config import ConfigError, load_config
+    from segment_deeplab.data.transforms import train_transforms
+
+    g = torch.Generator().manual_seed(0)
+    image = tv_tensors.Image(torch.randint(40, 200, (3, 60, 70), dtype=torch.uint8, generator=g))
+    mask = tv_tensors.Mask(torch.randint(0, 4, (60, 70), dtype=torch.uint8, generator=g))
+    outs = {}
+    for j in (0.0, 0.4):
+        torch.manual_seed(3)  # the same crop and flip for both
+        outs[j] = train_transforms(48, (0.75, 1.25), color_jitter=j)(image, mask)
+    assert torch.equal(outs[0.0][1], outs[0.4][1])  # labels untouched
+    assert not torch.equal(outs[0.0][0], outs[0.4][0])  # pixels changed
+    assert outs[0.4][0].dtype == torch.uint8
+    with pytest.raises(ConfigError, match="data.color_jitter"):
+        load_config(None, ["data.color_jitter=1.5"])

@@ -11,19 +11,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import make_run
 from PIL import Image
 
 from segment_deeplab import Segmenter
-from segment_deeplab.checkpoint import FORMAT, load_model, load_safetensors, read_metadata
-from segment_deeplab.checkpoint import save as atomic_save
+from segment_deeplab.checkpoint import load_model, load_safetensors, read_metadata
 from segment_deeplab.cli import main
-from segment_deeplab.config import Config, ModelConfig
 from segment_deeplab.export import write as export_mod
 from segment_deeplab.export.runtime import ExportError
 from segment_deeplab.export.write import DeployModel, export
 from segment_deeplab.infer.fold import for_inference as prepare_model
 from segment_deeplab.infer.tta import predict_labels
-from segment_deeplab.models import build_model
 
 CLASSES = [
     {"id": 0, "name": "background", "color": [0, 0, 0]},
@@ -45,32 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run folder with best.pt: a tiny DeepLabV3+ with weights that give clear argmaxes."""
-    torch.manual_seed(0)
-    cfg = Config(
-        model=ModelConfig(
-            model_variant="mobilenet_v3_small",
-            num_classes=3,
-            aspp_channels=16,
-            decoder_channels=16,
-            low_level_channels=8,
-        )
-    )
-    model = build_model(cfg.model)
-    # A fresh classifier gives near-equal logits; a trained one does not.
-    torch.nn.init.normal_(model.classifier.weight, std=2.0)
-    torch.nn.init.normal_(model.classifier.bias, std=0.1)
-    run = tmp_path_factory.mktemp("run")
-    ckpt = {
-        "format": FORMAT,
-        "model": model.state_dict(),
-        "config": cfg.to_dict(),
-        "classes": CLASSES,
-        "ignore_index": 255,
-        "dataset_hash": None,
-        "step": 0,
-    }
-    atomic_save(ckpt, run / "best.pt")
-    return run
+    return make_run(tmp_path_factory.mktemp("run"), CLASSES)
 
 
 @pytest.fixture(scope="module")

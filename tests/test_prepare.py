@@ -178,3 +178,56 @@ def test_camvid_prepare(tmp_path):
     assert (len(res.train), len(res.val)) == (374, 94)
     assert res.spec.stats["classes"][10]["name"] == "bicyclist"
     assert open_dataset(tmp_path).image_dir.resolve() == (CAMVID / "images").resolve()
+
+
+def test_group_by_keeps_every_group_on_one_side():
+    import re
+
+    # Three "sequences" of unequal length, as CamVid's 0001TP / 0006R0 / 0016E5.
+    stems = [f"{seq}_{i:05d}" for seq, n in (("A", 12), ("B", 20), ("C", 60)) for i in range(n)]
+    pattern = re.compile("^([^_]+)_")
+    for seed in range(6):
+        train, val = make_split(stems, 0.2, seed, pattern)
+        assert sorted(train + val) == sorted(stems)
+        train_groups = {s.split("_")[0] for s in train}
+        val_groups = {s.split("_")[0] for s in val}
+        assert train_groups and val_groups and not train_groups & val_groups
+        # 20% of 92 is 18.4: B (20) or A (12) come closest, never C (60) or all of them.
+        assert val_groups in ({"A"}, {"B"}), (seed, val_groups)
+        assert make_split(stems, 0.2, seed, pattern) == (train, val)  # reproducible
+    # Without a capture group the whole match names the group.
+    train, val = make_split(["x1_a", "x1_b", "y2_a", "y2_b"], 0.5, 0, re.compile("^[a-z]+\\d"))
+    assert {s[:2] for s in train}.isdisjoint({s[:2] for s in val})
+
+
+def test_group_by_refusals_name_the_pattern_and_the_files(tmp_path, capsys):
+    root = tmp_path / "ds"
+    assert main(["synth", str(root), "--num", "6", "--size", "32", "40"]) == 0
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert main(["prepare", str(root), "--group-by", "seq("]) == 2
+    assert "--group-by 'seq(' is no regular expression" in capsys.readouterr().err
+    assert main(["prepare", str(root), "--group-by", "^zz_"]) == 2
+    err = capsys.readouterr().err
+    assert "does not name a group in 6 file names" in err and "0000" in err
+    assert main(["prepare", str(root), "--group-by", "^()"]) == 2  # every group empty
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before  # a refused prepare writes nothing
+
+
+def test_group_by_on_file_names_of_video_frames(tmp_path, capsys):
+    root = tmp_path / "ds"
+    assert main(["synth", str(root), "--num", "12", "--size", "32", "40"]) == 0
+    # Rename the pairs as frames of three videos, as CamVid names them.
+    for i, img in enumerate(sorted((root / "images").iterdir())):
+        seq = ("0001TP", "0006R0", "0016E5")[i % 3]
+        img.rename(img.with_name(f"{seq}_{i:05d}{img.suffix}"))
+        mask = root / "masks" / f"{img.stem}.png"
+        mask.rename(mask.with_name(f"{seq}_{i:05d}.png"))
+    capsys.readouterr()
+    assert main(["prepare", str(root), "--group-by", "^([^_]+)_", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["groups"]["val"]) == 1 and len(res["groups"]["train"]) == 2
+    val = (root / "splits" / "val.txt").read_text().split()
+    assert {s.split("_")[0] for s in val} == set(res["groups"]["val"])
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    assert spec["stats"]["split"]["group_by"] == "^([^_]+)_"

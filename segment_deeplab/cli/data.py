@@ -90,6 +90,13 @@ def _add_prepare(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (0)")
     p.add_argument(
+        "--group-by",
+        metavar="REGEX",
+        help="keep groups whole: the regex's match in a file name (its first capture group "
+        "if it has one) names the group, e.g. a video sequence, patient or site, and no "
+        "group is split between train and val; e.g. '^([^_]+)_' for SEQ_FRAME names",
+    )
+    p.add_argument(
         "--remap",
         nargs="+",
         metavar="SRC:DST",
@@ -117,6 +124,7 @@ def _cmd_prepare(args) -> int:
             val_fraction=args.val_fraction,
             seed=args.seed,
             remap=parse_remap(args.remap),
+            group_by=args.group_by,
             workers=args.workers,
             progress=not args.json and sys.stderr.isatty(),
         )
@@ -135,6 +143,11 @@ def _cmd_prepare(args) -> int:
         f"{res.spec.num_classes} classes, ignore {res.spec.ignore_index} "
         f"({stats['ignore_share']:.1%} of pixels)"
     )
+    if res.groups:
+        for side in ("train", "val"):
+            names = res.groups[side]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            print(f"  {side}: {len(names)} group{'s' * (len(names) != 1)} ({shown})")
     if res.converted_masks:
         print(f"wrote index masks to {res.converted_masks} (your masks are unchanged)")
     print(f"wrote {res.spec_path} and its splits/ ({res.spec.hash[:19]}...)")

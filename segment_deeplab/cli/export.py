@@ -1,4 +1,4 @@
-"""`deeplab export`: ONNX, TorchScript or safetensors, checked against PyTorch."""
+"""`deeplab export`: ONNX, OpenVINO, TorchScript or safetensors, checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from segment_deeplab.cli.common import UserError
 def _add_export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX, TorchScript or safetensors, with a parity check",
+        help="export a checkpoint to ONNX, OpenVINO, TorchScript or safetensors, parity-checked",
         description="Write the model with its classes, colours and normalisation inside, "
         "after checking the reloaded file against PyTorch (max logit difference, argmax "
         "agreement); a file that disagrees is not written and the exit status is 1.",
@@ -20,7 +20,8 @@ def _add_export(sub) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="FILE", help="file to write")
     p.add_argument(
         "--format", dest="fmt", metavar="FORMAT",
-        help="onnx, torchscript or safetensors (default: from the --output suffix)",
+        help="onnx, openvino (IR: NAME.xml + NAME.bin), torchscript or safetensors "
+        "(default: from the --output suffix)",
     )  # fmt: skip
     p.add_argument(
         "--with-preprocessing", action="store_true",
@@ -64,7 +65,8 @@ def _cmd_export(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.path is not None:
-        print(f"wrote {result.path} ({result.format}, {result.seconds:.1f} s)")
+        also = f" and {result.sidecar.name}" if result.sidecar else ""
+        print(f"wrote {result.path}{also} ({result.format}, {result.seconds:.1f} s)")
     if not args.json or not result.parity.passed:
         print(result.parity.summary(), file=sys.stdout if result.parity.passed else sys.stderr)
     if not result.parity.passed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class PrepareResult:
     converted_masks: Path | None
     # the copy of a dataset.yaml kept before it was first updated, else None
     backup: Path | None = None
+    # with --group-by: {"train": [group, ...], "val": [group, ...]}
+    groups: dict[str, list[str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (`--json`)."""
@@ -70,6 +73,7 @@ class PrepareResult:
             "hash": self.spec.hash,
             "stats": self.spec.stats,
             "warnings": [asdict(p) for p in self.report.warnings],
+            "groups": self.groups,
         }
 
 
@@ -89,15 +93,87 @@ def parse_remap(items: list[str] | None) -> dict[int, int]:
     return out
 
 
-def make_split(stems: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _ordered(keys: list[str], seed: int) -> list[str]:
+    return sorted(keys, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+
+
+def parse_group_by(pattern: str | None) -> re.Pattern | None:
+    """`--group-by REGEX` compiled, or a DatasetError that names the pattern."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise DatasetError(f"--group-by {pattern!r} is no regular expression: {e}") from None
+
+
+def group_of(stem: str, group_by: re.Pattern) -> str | None:
+    """The group a stem belongs to: the regex's first capture group, or its whole match
+    when it has none (searched anywhere in the stem); None when it does not match."""
+    m = group_by.search(stem)
+    if m is None:
+        return None
+    return m.group(1) if group_by.groups else m.group(0)
+
+
+def group_stems(stems: list[str], group_by: re.Pattern) -> dict[str, list[str]]:
+    """{group: stems}; every stem must match, and at least two groups must exist."""
+    groups: dict[str, list[str]] = {}
+    missed = []
+    for s in stems:
+        g = group_of(s, group_by)
+        if g is None or g == "":
+            missed.append(s)
+        else:
+            groups.setdefault(g, []).append(s)
+    if missed:
+        shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+        raise DatasetError(
+            f"--group-by {group_by.pattern!r} does not name a group in {len(missed)} file "
+            f"name{'s' * (len(missed) != 1)} ({shown}); write a pattern that matches every "
+            "stem, e.g. '^([^_]+)_' for names like SEQ_FRAME"
+        )
+    if len(groups) < 2 and stems:
+        raise DatasetError(
+            f"--group-by {group_by.pattern!r} puts all {len(stems)} pairs in one group "
+            f"({next(iter(groups), '')!r}); a held-out split needs at least two groups"
+        )
+    return groups
+
+
+def make_split(
+    stems: list[str], val_fraction: float, seed: int, group_by: re.Pattern | None = None
+) -> tuple[list[str], list[str]]:
     """A reproducible train/val split, each side sorted.
 
     Stems are ordered by a seeded hash, not a shuffle, so the split does not depend
     on Python's RNG and adding files moves few existing ones across.
+
+    With `group_by`, whole groups (a video sequence, a patient, a site: what the regex
+    names, see `group_of`) go to one side: groups are taken in seeded order, and each
+    joins val when that brings val closer to `val_fraction` of the pairs (at least one
+    group goes to val, the smallest if none brings it closer, and one always stays in
+    train).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    order = sorted(stems, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    if group_by is not None and val_fraction > 0 and stems:
+        groups = group_stems(stems, group_by)
+        target = len(stems) * val_fraction
+        val_groups: list[str] = []
+        n_val = 0
+        order = _ordered(list(groups), seed)
+        for g in order:
+            n = len(groups[g])
+            if len(val_groups) < len(groups) - 1 and abs(n_val + n - target) < abs(n_val - target):
+                val_groups.append(g)
+                n_val += n
+        if not val_groups:  # every group is far larger than the target: the smallest
+            val_groups = [min(order, key=lambda g: len(groups[g]))]
+        val = [s for g in val_groups for s in groups[g]]
+        train = [s for g in order if g not in val_groups for s in groups[g]]
+        return sorted(train), sorted(val)
+    order = _ordered(stems, seed)
     n_val = round(len(order) * val_fraction)
     if val_fraction > 0 and len(order) >= 2:
         n_val = min(max(n_val, 1), len(order) - 1)
@@ -183,6 +259,7 @@ def prepare_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     remap: dict[int, int] | None = None,
+    group_by: str | None = None,
     workers: int | None = None,
     progress: bool = False,
 ) -> PrepareResult:
@@ -196,6 +273,7 @@ def prepare_dataset(
     ds, image_dir, mask_dir, _ = resolve_dataset(dataset, images, masks, spec)
     out_dir = _output_dir(dataset, output, ds, image_dir)
     check_writable_dir(out_dir)  # refused before the long pass, with the folder named
+    pattern = parse_group_by(group_by)
     make_split([], val_fraction, seed)  # checks the fraction before the long pass
     report = validate_dataset(
         ds, image_dir, mask_dir, remap=remap, workers=workers, progress=progress
@@ -213,7 +291,16 @@ def prepare_dataset(
         converted = out_dir / PREPARED_MASKS
         for stem, h in _convert_all(report, opts, converted, workers, progress).items():
             file_hashes[stem] = (file_hashes[stem][0], h)
-    train, val = make_split([p.stem for p in report.pairs], val_fraction, seed)
+    stems = [p.stem for p in report.pairs]
+    train, val = make_split(stems, val_fraction, seed, pattern)
+    if pattern is not None:
+        val_set = set(val)
+        groups = {
+            "train": sorted({group_of(s, pattern) for s in stems if s not in val_set}),
+            "val": sorted({group_of(s, pattern) for s in val_set}),
+        }
+    else:
+        groups = None
     split_dir = out_dir / "splits"
     split_dir.mkdir(parents=True, exist_ok=True)
     for name, stems in (("train", train), ("val", val)):
@@ -231,9 +318,12 @@ def prepare_dataset(
         ignore_index=ignore,
         color_masks=False,  # colour masks were converted to ids above
         splits={"train": split_dir / "train.txt", "val": split_dir / "val.txt"},
-        stats=class_stats(report),
+        stats={
+            **class_stats(report),
+            "split": {"seed": seed, "val_fraction": val_fraction, "group_by": group_by},
+        },
         hash=dataset_hash(file_hashes),
         path=spec_path,
     )
     backup = write_description(new, spec_path, keep_user_lines=own)
-    return PrepareResult(new, spec_path, train, val, report, ds is None, converted, backup)
+    return PrepareResult(new, spec_path, train, val, report, ds is None, converted, backup, groups)

@@ -130,11 +130,15 @@ def train_transforms(
     scale_range: Sequence[float] = (0.5, 2.0),
     ignore_index: int = 255,
     fill: Sequence[int] = MEAN_RGB,
+    color_jitter: float = 0.0,
 ) -> v2.Compose:
-    """DeepLab's train augmentation: random scale, pad, random crop, horizontal flip."""
-    return v2.Compose(
-        [RandomScaleCrop(crop_size, scale_range, ignore_index, fill), v2.RandomHorizontalFlip()]
-    )
+    """DeepLab's train augmentation: random scale, pad, random crop, horizontal flip,
+    and optionally colour jitter (applied after the crop, to the image only)."""
+    steps = [RandomScaleCrop(crop_size, scale_range, ignore_index, fill), v2.RandomHorizontalFlip()]
+    if color_jitter > 0:
+        j = color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    return v2.Compose(steps)
 
 
 def eval_transforms() -> v2.Transform:
@@ -148,4 +152,6 @@ def build_transforms(
     """The preset for a run: `train_transforms` from the data config, or `eval_transforms`."""
     if not train:
         return eval_transforms()
-    return train_transforms(cfg.crop_size, cfg.scale_range, ignore_index)
+    return train_transforms(
+        cfg.crop_size, cfg.scale_range, ignore_index, color_jitter=cfg.color_jitter
+    )

@@ -1,6 +1,6 @@
-"""Exported files run as models: onnxruntime sessions and TorchScript modules behind the
-PyTorch model's contract, so `predict_probs` (and its TTA) runs them as it runs a
-checkpoint. `checkpoint.load_any` opens them."""
+"""Exported files run as models: onnxruntime sessions, OpenVINO compiled models and
+TorchScript modules behind the PyTorch model's contract, so `predict_probs` (and its TTA)
+runs them as it runs a checkpoint. `checkpoint.load_any` opens them."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON beside a .safetensors export: model.safetensors -> model.json."""
-    return Path(path).with_suffix(".json")
+def sidecar_path(path: str | Path, fmt: str = "safetensors") -> Path:
+    """The second file of a two-file export: the JSON beside a .safetensors file
+    (model.safetensors -> model.json), the weights beside an OpenVINO IR (model.xml ->
+    model.bin)."""
+    return Path(path).with_suffix(".bin" if fmt == "openvino" else ".json")
 
 
 class ExportedModel(nn.Module):
@@ -66,14 +68,67 @@ class ExportedModel(nn.Module):
         return y
 
 
-def onnx_runner(path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An onnxruntime session as a function of tensors (CUDA when asked and available)."""
+def onnx_runner(
+    model: str | Path | bytes, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An onnxruntime session (of a file, or of ONNX bytes) as a function of tensors,
+    on as many threads as torch uses; CUDA when asked and available."""
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(path), providers=providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    source = model if isinstance(model, bytes) else str(model)
+    sess = ort.InferenceSession(source, options, providers=providers)
     name = sess.get_inputs()[0].name
     return lambda x: torch.from_numpy(sess.run(None, {name: x.cpu().numpy()})[0])
+
+
+OPENVINO_EXTRA = "pip install 'segment-deeplab[openvino]'"
+OPENVINO_KEY = "segment_deeplab"  # rt_info section of an OpenVINO IR export
+
+
+def openvino():
+    """The openvino module, or an ExportError saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError(f"OpenVINO is not installed; {OPENVINO_EXTRA}") from e
+    return ov
+
+
+def openvino_runner(
+    model, device: torch.device, weights: str | Path | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An OpenVINO model (an IR .xml path, its .bin beside it or at `weights`, or an
+    `ov.Model`) compiled for the CPU, as a function of tensors. fp32 inference, as the
+    file was saved (OpenVINO would otherwise pick bf16 on AMX CPUs), on as many threads
+    as torch uses."""
+    if device.type != "cpu":
+        raise ExportError(f"the OpenVINO runtime here runs on the CPU, not {device}")
+    ov = openvino()
+    core = ov.Core()
+    if isinstance(model, (str, Path)):
+        source = core.read_model(str(model), str(weights) if weights else None)
+    else:
+        source = model
+    config = {
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    compiled = core.compile_model(source, "CPU", config)
+    return lambda x: torch.from_numpy(compiled(x.cpu().numpy())[0])
+
+
+def openvino_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata an OpenVINO IR export keeps in its rt_info."""
+    import json
+
+    model = openvino().Core().read_model(str(path))
+    if not model.has_rt_info([OPENVINO_KEY, "metadata"]):
+        return {}
+    return json.loads(model.get_rt_info([OPENVINO_KEY, "metadata"]).astype(str))
 
 
 def torchscript_module(path: str | Path, device: torch.device) -> nn.Module:

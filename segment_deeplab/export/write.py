@@ -1,4 +1,5 @@
-"""Export a checkpoint to ONNX, TorchScript or safetensors, then check it against PyTorch.
+"""Export a checkpoint to ONNX, OpenVINO IR, TorchScript or safetensors, then check it
+against PyTorch.
 
 What TF DeepLab's `export_model.py` gave, and more: the exported file carries the class
 names, colours, normalisation and ignore index, and can take a raw uint8 image and
@@ -10,6 +11,7 @@ return class ids (`preprocessing`, `argmax`), so a deployed model needs no extra
 
 A safetensors export is weights only; its config, classes and normalisation go to a
 JSON file beside it (model.safetensors -> model.json), so loading it never runs code.
+An OpenVINO IR is two files, model.xml (graph and metadata) and model.bin (weights).
 
 Every export is written to a temporary file, run against the PyTorch model on real or
 synthetic images at sizes other than the traced one, and renamed into place only if
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -53,8 +56,11 @@ from segment_deeplab.export.parity import (
 )
 from segment_deeplab.export.runtime import (
     METADATA_FILE,
+    OPENVINO_KEY,
     ExportError,
     onnx_runner,
+    openvino,
+    openvino_runner,
     quiet,
     sidecar_path,
     torchscript_module,
@@ -62,8 +68,10 @@ from segment_deeplab.export.runtime import (
 from segment_deeplab.infer.tta import input_multiple
 from segment_deeplab.models.inputs import pad_color, to_input
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "openvino", "torchscript", "safetensors")
+TWO_FILES = ("safetensors", "openvino")  # a second file beside the output (`sidecar_path`)
 SUFFIXES = {
+    ".xml": "openvino",
     ".onnx": "onnx",
     ".pt": "torchscript",
     ".ts": "torchscript",
@@ -210,6 +218,26 @@ def write_onnx(module: DeployModel, example: torch.Tensor, path: Path, opset: in
     onnx.save(proto, str(path))
 
 
+def write_openvino(module: DeployModel, example: torch.Tensor, path: Path, weights: Path, meta):
+    """OpenVINO IR (the graph at `path`, fp32 weights at `weights`) converted straight
+    from PyTorch with dynamic batch, height and width; the metadata in its rt_info."""
+    ov = openvino()
+    try:
+        with quiet(), torch.inference_mode():
+            model = ov.convert_model(module, example_input=example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"OpenVINO conversion failed: {first}") from e
+    model.set_rt_info(json.dumps(meta), [OPENVINO_KEY, "metadata"])
+    # save_model wants a .xml name and puts NAME.bin beside it: a scratch folder beside
+    # `path` (same file system), whose two files then replace the staged ones.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        xml = Path(scratch) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        xml.replace(path)
+        xml.with_suffix(".bin").replace(weights)
+
+
 def write_torchscript(module: DeployModel, example: torch.Tensor, path: Path, meta: dict) -> None:
     """torch.jit.trace (timm backbones are not all scriptable) plus the metadata file."""
     with quiet():
@@ -235,6 +263,8 @@ def load_runner(
     """Reload an exported file as a function of the inputs that `module` takes."""
     if fmt == "onnx":
         return onnx_runner(path, torch.device("cpu"))
+    if fmt == "openvino":
+        return openvino_runner(path, torch.device("cpu"), weights=sidecar)
     if fmt == "torchscript":
         return torchscript_module(path, torch.device("cpu"))
     model, _, meta = load_safetensors(path, sidecar)
@@ -253,7 +283,7 @@ def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
     if fmt == "safetensors" and baked:
         raise ExportError(
             "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
-            "to onnx and torchscript"
+            "to onnx, openvino and torchscript"
         )
     if fmt == "onnx" and opset not in OPSETS:
         span = f"{OPSETS[0]}..{OPSETS[-1]}"
@@ -265,19 +295,21 @@ def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
         raise ExportError(
             f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
         )
+    if fmt == "openvino" and sidecar_path(output, fmt) == output:
+        raise ExportError(f"--output {output}: the weights go to NAME.bin; name it NAME.xml")
     return fmt
 
 
 def _check_not_taken(output: Path, fmt: str, checkpoint: str | Path, overwrite: bool) -> None:
     """The checkpoint is never written over; an earlier export only with `overwrite`."""
-    written = [output] + ([sidecar_path(output)] if fmt == "safetensors" else [])
+    written = [output] + ([sidecar_path(output, fmt)] if fmt in TWO_FILES else [])
     source = Path(checkpoint)
     sources = [source / n for n in RUN_FILES] if source.is_dir() else [source]
     refuse_inputs(written, [p for p in sources if p.exists()])
     there = [p for p in written if p.exists()]
     if there and overwrite:
         try:
-            known = sniff_format(output) in ("onnx", "torchscript", "safetensors")
+            known = sniff_format(output) in FORMATS
         except CheckpointError:
             known = False
         if not known:
@@ -307,9 +339,9 @@ def export(
     Args:
         checkpoint: a segment-deeplab checkpoint or a run folder (best.pt, then last.pt).
         output: the file to write; safetensors also writes NAME.json beside it.
-        fmt: onnx, torchscript or safetensors; None: from the output suffix.
-        preprocessing: bake in the uint8 NHWC input handling (onnx, torchscript).
-        argmax: bake in the argmax: the output is class ids (onnx, torchscript).
+        fmt: onnx, openvino, torchscript or safetensors; None: from the output suffix.
+        preprocessing: bake in the uint8 NHWC input handling (not safetensors).
+        argmax: bake in the argmax: the output is class ids (not safetensors).
         opset: ONNX opset.
         data: a dataset or image folder whose images the parity check uses;
             None: synthetic images.
@@ -331,13 +363,16 @@ def export(
     example = as_input(synthetic_images(1, *TRACE_SIZE, g), preprocessing)
 
     parity: Parity | None = None
-    side = sidecar_path(output) if fmt == "safetensors" else None
-    # Written beside the output and renamed over it only when parity passes; for
-    # safetensors the JSON is renamed first, so once the weights appear, it is there.
+    side = sidecar_path(output, fmt) if fmt in TWO_FILES else None
+    # Written beside the output and renamed over it only when parity passes; the second
+    # file (safetensors' JSON, OpenVINO's weights) is renamed first, so once the output
+    # appears, it is there.
     with contextlib.suppress(_Rejected), staged(output) as tmp, contextlib.ExitStack() as stack:
         tmp_side = stack.enter_context(staged(side)) if side is not None else None
         if fmt == "onnx":
             write_onnx(module, example, tmp, opset, meta)
+        elif fmt == "openvino":
+            write_openvino(module, example, tmp, tmp_side, meta)
         elif fmt == "torchscript":
             write_torchscript(module, example, tmp, meta)
         else:

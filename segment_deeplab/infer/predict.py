@@ -12,6 +12,7 @@ run images through it, so they decode and batch images alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import sys
@@ -29,8 +30,9 @@ from segment_deeplab.checkpoint import load_any
 from segment_deeplab.classes import ClassInfo, colorize, overlay
 from segment_deeplab.data.decode import image_size, read_image
 from segment_deeplab.data.spec import IMAGE_EXTS
-from segment_deeplab.device import pick_device
+from segment_deeplab.device import model_device, pick_device
 from segment_deeplab.infer.fold import for_inference
+from segment_deeplab.infer.runtimes import choose_runtime
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
 
 # Images above this many pixels are predicted in tiles of AUTO_WINDOW (as --window
@@ -57,6 +59,8 @@ class PredictResult:
 
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    runtime: str = "torch"  # the engine that ran the forward passes (`runtimes.Choice`)
+    runtime_note: str = ""  # why it, and how fast each was on a probe image
 
     def summary(self) -> str:
         text = f"wrote {len(self.written)}, failed {len(self.failed)}"
@@ -263,6 +267,7 @@ def predict(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    runtime: str = "auto",
 ) -> PredictResult:
     """Predict every input image and write its mask, overlay (and probabilities).
 
@@ -274,6 +279,9 @@ def predict(
         dtype: the forward pass's autocast dtype (see `tta.forward_dtype`).
         overwrite: replace files an earlier prediction left in `output` (an input is
             never written over, whatever this says).
+        runtime: the engine for a checkpoint's forward pass on the CPU: auto (the fastest
+            that agrees with PyTorch on this machine, see `infer.runtimes`), torch,
+            onnxruntime or openvino.
 
     Raises:
         OutputError: `output` cannot be written, or would be written over an input or,
@@ -285,7 +293,14 @@ def predict(
     _check_outputs(out, stems, paths, save_probs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / PREDICTIONS_MARK).touch()
-    result = PredictResult(failed=list(failed))
+    probe = None
+    with contextlib.suppress(Exception):  # an unreadable first image fails on its own later
+        probe = image_size(paths[0]) if paths else None
+    choice = choose_runtime(model, model_device(model), dtype, runtime, probe, len(paths), progress)
+    model, dtype = choice.model, dtype if choice.dtype_applies else None
+    result = PredictResult(
+        failed=list(failed), runtime=choice.runtime, runtime_note=choice.describe()
+    )
     bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
     for p in predict_groups(model, paths, batch_size, tta, dtype):
         name = paths[p.index].name

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from segment_deeplab.classes import overlay
 from segment_deeplab.data.spec import DatasetSpec
@@ -42,7 +43,9 @@ class RunLog:
     def _reset(self) -> None:
         self.t0, self.images, self.losses, self.last = time.perf_counter(), 0, [], {}
 
-    def train(self, step: int, epoch: int, loss: float, lr: float, images: int, elapsed: float):
+    def train(self, step: int, epoch: int, loss, lr: float, images: int, elapsed: float):
+        """Note one step; `loss` may be a device tensor, read only when the window is
+        written."""
         self.losses.append(loss)
         self.images += images
         self.last = {"step": step, "epoch": epoch, "lr": lr, "elapsed_s": round(elapsed, 1)}
@@ -52,7 +55,9 @@ class RunLog:
         if not self.losses:
             return {}
         ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
-        loss = sum(self.losses) / len(self.losses)
+        loss = float(
+            torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.losses]).mean().cpu()
+        )
         rec = {**self.last, "loss": loss, "images_per_s": round(ips, 2)}
         if self.active:
             log_jsonl(self.path, rec)

@@ -7,7 +7,6 @@ with validation, checkpoints and logging at fixed step intervals. No hook system
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -63,8 +62,9 @@ class _StopFlag:
 
 def train_step(
     model, images, masks, loss_fn, optimizer, scaler, dtype, device, channels_last, freeze_bn
-) -> float:
-    """One optimizer step on a uint8 batch; returns the loss."""
+) -> torch.Tensor:
+    """One optimizer step on a uint8 batch; returns the loss as a detached 0-d tensor on
+    the device (reading it would wait for the device: the loop reads a window at once)."""
     set_train_mode(model, freeze_bn)
     x = to_input(images, device)
     masks = masks.to(device, non_blocking=True).long()
@@ -81,7 +81,7 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _validate(run: Run) -> dict | None:
@@ -116,14 +116,26 @@ def _validate_and_keep_best(run: Run, log: RunLog, bar: tqdm) -> None:
             run.save("best.pt")
 
 
-def _check_finite(loss: float, run: Run) -> None:
-    if not math.isfinite(loss):
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Run) -> None:
+    """Raise if any loss since the last check was not finite; empties `unchecked`.
+
+    Losses stay on the device between checks (one read per window, not one per step);
+    the loop checks before every log line, validation and checkpoint, so no checkpoint
+    holds weights a non-finite loss has touched."""
+    if not unchecked:
+        return
+    values = torch.stack([loss.float() for _, loss in unchecked]).cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        step, loss = unchecked[i][0], float(values[i])
         keep = f"the last good checkpoint is {run.last_path}" if run.last_path else ""
         raise TrainingError(
-            f"the loss became {loss} at step {run.step}; {keep or 'no checkpoint yet'}. "
+            f"the loss became {loss} at step {step}; {keep or 'no checkpoint yet'}. "
             "Lower train.lr, set train.warmup_steps, or check the masks with "
             "`deeplab validate`"
         )
+    unchecked.clear()
 
 
 def _clock(seconds: float) -> str:
@@ -182,6 +194,7 @@ def fit(
     interrupted = False
     done = run.progress() >= 1.0  # a finished run resumed
     t_start = time.perf_counter() - run.elapsed
+    unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back
     steps_per_epoch = run.sampler.batches_per_epoch
     with _StopFlag() as stop:
         while not done:
@@ -195,19 +208,28 @@ def fit(
                     run.train_model, images, masks, run.loss_fn, run.optimizer, run.scaler,
                     run.dtype, info.device, tc.channels_last, run.freeze_bn,
                 )  # fmt: skip
-                _check_finite(loss, run)
+                unchecked.append((run.step, loss))
                 run.step += 1
-                # Every rank must agree on when a time budget ends: rank 0's clock decides.
-                run.elapsed = devices.broadcast_float(time.perf_counter() - t_start, info)
+                window_end = run.step % tc.log_every == 0
+                if not info.enabled:
+                    run.elapsed = time.perf_counter() - t_start
+                elif window_end and run.budget:
+                    # Every rank must agree on when a time budget ends (and on the LR it
+                    # sets): rank 0's clock decides, read once per logging window.
+                    run.elapsed = devices.broadcast_float(time.perf_counter() - t_start, info)
                 bar.update(1)
                 seen = images.shape[0] * info.world_size
                 log.train(run.step, epoch, loss, lr, seen, run.elapsed)
-                if run.step % tc.log_every == 0:
-                    bar.set_postfix(_flush_log(run, log))
                 done = run.progress() >= 1.0
-                if run.step % tc.val_every == 0 or done:
+                validate = run.step % tc.val_every == 0 or done
+                save = run.step % tc.checkpoint_every == 0 or done or stop.signal is not None
+                if window_end or validate or save:
+                    _check_finite(unchecked, run)
+                if window_end:
+                    bar.set_postfix(_flush_log(run, log))
+                if validate:
                     _validate_and_keep_best(run, log, bar)
-                if run.step % tc.checkpoint_every == 0 or done or stop.signal is not None:
+                if save:
                     run.last_path = run.save("last.pt")
                 if stop.signal is not None:
                     saved = f"saved {run.last_path}"

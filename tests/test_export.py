@@ -161,7 +161,7 @@ def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path, mon
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
     image = _image(64, 80, seed=2)
-    mask = Segmenter.from_checkpoint(out, device="cpu").predict(image)
+    mask = Segmenter.from_checkpoint(out, device="cpu", runtime="torch").predict(image)
     ref = predict_labels(prepare_model(model, torch.device("cpu")), image)[0].numpy()
     assert np.array_equal(mask, ref)  # Segmenter prepares the model the same way
     monkeypatch.undo()
@@ -236,7 +236,7 @@ def test_cli_export_errors_are_clear(run_dir, tmp_path, capsys):
     out = str(tmp_path / "m.onnx")
     assert main(["export", "--checkpoint", str(run_dir), "--output", out, "--format", "onxx"]) == 2
     err = capsys.readouterr().err
-    assert "Did you mean 'onnx'" in err and "onnx, torchscript, safetensors" in err
+    assert "Did you mean 'onnx'" in err and "onnx, openvino, torchscript, safetensors" in err
     missing = tmp_path / "nope.pt"
     assert main(["export", "--checkpoint", str(missing), "--output", out]) == 2
     assert str(missing) in capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_cli_export_errors_are_clear(run_dir, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run_dir), "--output", st, "--with-argmax"]) == 2
     assert "weights only" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(run_dir), "--output", out, "--opset", "5"]) == 2
-    assert "use 11..20" in capsys.readouterr().err
+    assert "use 11..23" in capsys.readouterr().err
 
 
 def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
@@ -257,7 +257,8 @@ def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
     assert [c.name for c in seg.classes] == ["background", "cat", "dog"]
     mask = seg.predict(path)
     assert mask.dtype == np.uint8 and mask.shape == (90, 120)
-    assert np.array_equal(mask, ref) and len(np.unique(mask)) > 1
+    # The default engine is the fastest that agrees with PyTorch (`infer.runtimes`).
+    assert (mask == ref).mean() >= 0.999 and len(np.unique(mask)) > 1
     # The same image as a path string, PIL image, array and tensor: the same array.
     for same in (str(path), Image.open(path), image.permute(1, 2, 0).numpy(), image):
         assert np.array_equal(seg.predict(same), mask)
@@ -272,7 +273,7 @@ def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
 
 
 def test_predict_batch_groups_sizes_and_matches_predict(run_dir, tmp_path):
-    seg = Segmenter.from_checkpoint(run_dir, device="cpu")
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu", runtime="torch")  # hooks its model
     sizes = [(64, 80), (45, 71), (64, 80), (64, 80), (45, 71)]
     images = [_image(h, w, seed=i).permute(1, 2, 0).numpy() for i, (h, w) in enumerate(sizes)]
     Image.fromarray(images[2]).save(tmp_path / "two.png")

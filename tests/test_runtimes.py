@@ -189,3 +189,35 @@ def test_an_unwritable_cache_still_converts(run_dir, tmp_path, monkeypatch):
     model = for_inference(load_model(run_dir)[0], CPU)
     choice = choose_runtime(model, CPU, None, "openvino")
     assert choice.runtime == "openvino" and blocker.read_text() == "not a folder"
+
+
+def test_a_signal_after_openvino_models_come_and_go_is_handled(run_dir, tmp_path):
+    """OpenVINO's CPU plugin gives the compiling thread a signal stack that it frees with
+    the compiled model; a Python signal handler then crashed the process (SIGSEGV)."""
+    import subprocess
+    import sys
+
+    # Compiled on the main thread, released on another: the release freed the main
+    # thread's signal stack, and the SIGTERM below crashed the process.
+    script = f"""
+import gc, os, signal, threading, torch
+from segment_deeplab import Segmenter
+image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+box = [Segmenter.from_checkpoint({str(run_dir)!r}, device="cpu", runtime="openvino")]
+box[0].predict(image)
+def drop():
+    box.clear()
+    gc.collect()
+t = threading.Thread(target=drop)
+t.start()
+t.join()
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+os.kill(os.getpid(), signal.SIGTERM)
+print("handled", got)
+"""
+    env = {**__import__("os").environ, runtimes.CACHE_ENV: str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "handled [15]" in done.stdout

@@ -30,7 +30,11 @@ def _add_export(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--with-argmax", action="store_true", help="output class ids (N, H, W) instead of logits"
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument(
+        "--opset", type=int, default=18,
+        help="ONNX opset (default: 18, torch's torch.export-based exporter; 11-17 use the "
+        "TorchScript-based one, for older runtimes)",
+    )  # fmt: skip
     p.add_argument("--data", metavar="DATASET", help="dataset or image folder for the parity check")
     p.add_argument("--spec", metavar="FILE", help="a dataset.yaml kept elsewhere")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --output")

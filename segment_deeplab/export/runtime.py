@@ -106,19 +106,36 @@ def openvino_runner(
     as torch uses."""
     if device.type != "cpu":
         raise ExportError(f"the OpenVINO runtime here runs on the CPU, not {device}")
-    ov = openvino()
-    core = ov.Core()
     if isinstance(model, (str, Path)):
-        source = core.read_model(str(model), str(weights) if weights else None)
+        stat = Path(model).stat()
+        key: tuple = (str(model), str(weights), stat.st_mtime_ns, stat.st_size)
     else:
-        source = model
-    config = {
-        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    compiled = core.compile_model(source, "CPU", config)
+        key = ("model", id(model))
+    key += (torch.get_num_threads(),)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        ov = openvino()
+        core = ov.Core()
+        if isinstance(model, (str, Path)):
+            source = core.read_model(str(model), str(weights) if weights else None)
+        else:
+            source = model
+        config = {
+            "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        compiled = core.compile_model(source, "CPU", config)
+        _COMPILED[key] = compiled
     return lambda x: torch.from_numpy(compiled(x.cpu().numpy())[0])
+
+
+# OpenVINO's CPU plugin gives the thread that compiles a model an alternate signal stack
+# and frees it with the compiled model, from whichever thread drops it last; the
+# compiling thread keeps the freed stack, and the next signal a Python handler takes
+# there (Ctrl-C, SIGTERM) kills the process with SIGSEGV. So each compiled model is kept
+# for the life of the process, and opening the same file again reuses it.
+_COMPILED: dict[tuple, Any] = {}
 
 
 def openvino_metadata(path: str | Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 import tempfile
 import time
@@ -78,9 +79,12 @@ SUFFIXES = {
     ".torchscript": "torchscript",
     ".safetensors": "safetensors",
 }
-DEFAULT_OPSET = 17  # read by TensorRT, OpenCV DNN and every current onnxruntime
-# Resize with input-dependent sizes needs 11; the TorchScript-based exporter stops at 20.
-OPSETS = range(11, 21)
+# Read by onnxruntime >= 1.14, OpenVINO, TensorRT >= 8.6; written by torch's supported
+# (torch.export-based) exporter, which starts at 18.
+DEFAULT_OPSET = 18
+MIN_DYNAMO_OPSET = 18
+# Resize with input-dependent sizes needs 11; below 18 the TorchScript-based exporter.
+OPSETS = range(11, 24)
 TRACE_SIZE = (128, 160)  # example input; the parity sizes differ, to prove dynamic shapes
 
 
@@ -185,37 +189,62 @@ def build_metadata(
 
 
 def write_onnx(module: DeployModel, example: torch.Tensor, path: Path, opset: int, meta: dict):
-    """torch.onnx.export with dynamic batch, height and width, plus metadata_props."""
+    """torch.onnx.export with dynamic batch, height and width, plus metadata_props.
+
+    Opset 18 and up (the default) goes through torch's supported exporter, built on
+    torch.export (`dynamo=True`, with onnxscript); opsets 11-17, which that exporter does
+    not write, through the TorchScript-based one torch still ships for them.
+    """
     names = ("batch", "height", "width")
     axes_in = (0, 1, 2) if module.preprocessing else (0, 2, 3)
     axes_out = (0, 1, 2) if module.argmax else (0, 2, 3)
     out = meta["output"]["name"]
+    if opset >= MIN_DYNAMO_OPSET:
+        # Dim.DYNAMIC lets torch.export work out how the sizes relate (the padding to
+        # the stride makes them non-trivial); the parity check proves the result.
+        dynamic = torch.export.Dim.DYNAMIC
+        kwargs = {"dynamo": True, "dynamic_shapes": ({a: dynamic for a in axes_in},)}
+        kwargs.update(verbose=False, optimize=True, external_data=False)
+    else:
+        dynamic_axes = {
+            "image": dict(zip(axes_in, names, strict=True)),
+            out: dict(zip(axes_out, names, strict=True)),
+        }
+        kwargs = {"dynamo": False, "dynamic_axes": dynamic_axes}
     try:
-        with quiet():
-            # dynamo=False: the default torch.export-based exporter needs onnxscript (not a
-            # dependency); the TorchScript-based one exports these conv nets completely.
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's step log
             torch.onnx.export(
                 module,
                 (example,),
                 str(path),
-                dynamo=False,
                 opset_version=opset,
                 input_names=["image"],
                 output_names=[out],
-                dynamic_axes={
-                    "image": dict(zip(axes_in, names, strict=True)),
-                    out: dict(zip(axes_out, names, strict=True)),
-                },
+                **kwargs,
             )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"ONNX export at opset {opset} failed: {first}") from e
     proto = onnx.load(str(path))
+    _name_dims(proto, dict(zip(axes_in, names, strict=True)))
     proto.doc_string = "segment-deeplab model; metadata_props 'input' and 'output' describe it"
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+def _name_dims(proto: onnx.ModelProto, names: dict[int, str]) -> None:
+    """Call the input's dynamic dimensions batch, height and width everywhere in the
+    graph (torch.export names them s0, s1, ...), as the metadata and users expect."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    rename = {dims[a].dim_param: n for a, n in names.items() if dims[a].dim_param}
+    if not rename:
+        return
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
 
 
 def write_openvino(module: DeployModel, example: torch.Tensor, path: Path, weights: Path, meta):

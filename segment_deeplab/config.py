@@ -40,6 +40,9 @@ class ModelConfig:
     image_pooling: bool = True
     # Depthwise-separable convolutions in ASPP and decoder; None: on for xception variants.
     separable: bool | None = None
+    # 3x3 convs that fuse the ASPP output with the low-level features in the v3+ decoder
+    # (TF DeepLab: 2; smp's DeepLabV3Plus: 1).
+    decoder_convs: int = 2
     aspp_channels: int = 256
     decoder_channels: int = 256
     # Channels of the 1x1 projection of the low-level features (TF DeepLab: 48).
@@ -155,6 +158,7 @@ _BOUNDS: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.workers": (lambda v: v >= 0, "0 or more"),
     "data.color_jitter": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.3"),
+    "model.decoder_convs": (lambda v: v in (1, 2), "1 or 2 (TF DeepLab: 2)"),
     "train.steps": (lambda v: v >= 1, "at least 1"),
     "train.epochs": (lambda v: v >= 1, "at least 1"),
     "train.lr": (lambda v: v > 0, "positive, e.g. 0.01"),

@@ -322,3 +322,19 @@ def test_pretrained_offline_explains(tmp_path, monkeypatch) -> None:
     with pytest.raises(ModelError, match="init_checkpoint=PATH") as e:
         build_model(tiny_cfg(pretrained=True))
     assert "HF_HUB_OFFLINE" in str(e.value)
+
+
+def test_decoder_convs_one_is_smps_decoder_and_two_is_tf_deeplabs():
+    from segment_deeplab.config import ConfigError, load_config
+
+    convs = {}
+    for n in (1, 2):
+        cfg = ModelConfig(model_variant="mobilenet_v3_small", num_classes=3, decoder_convs=n,
+                          aspp_channels=16, decoder_channels=16, low_level_channels=8)  # fmt: skip
+        model = build_model(cfg).eval()
+        convs[n] = len(model.decoder.fuse)
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, 64, 80)).shape == (1, 3, 64, 80)
+    assert convs == {1: 1, 2: 2}
+    with pytest.raises(ConfigError, match="model.decoder_convs"):
+        load_config(None, ["model.decoder_convs=3"])

@@ -101,15 +101,15 @@ class Decoder(nn.Module):
         channels: int,
         separable: bool,
         factor: int = 1,
+        convs: int = 2,
     ) -> None:
         super().__init__()
         self.factor = factor  # high-level stride / low-level stride
         # TF reduces the low-level features to 48 channels so they do not outweigh ASPP.
         self.project = conv_bn_relu(low_in_channels, low_channels, 1)
-        self.fuse = nn.Sequential(
-            conv3x3(high_channels + low_channels, channels, 1, separable),
-            conv3x3(channels, channels, 1, separable),
-        )
+        fuse = [conv3x3(high_channels + low_channels, channels, 1, separable)]
+        fuse += [conv3x3(channels, channels, 1, separable) for _ in range(convs - 1)]
+        self.fuse = nn.Sequential(*fuse)
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         low = self.project(low)  # (B, low_channels, H/4, W/4) at decoder stride 4
@@ -206,6 +206,7 @@ class DeepLabV3Plus(DeepLabV3):
             cfg.decoder_channels,
             self.separable,
             factor=cfg.output_stride // cfg.decoder_output_stride,
+            convs=cfg.decoder_convs,
         )
         self.head_stride = cfg.decoder_output_stride
         init_head(self.decoder)

@@ -18,6 +18,19 @@ def _runtime_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: tiny models gain nothing from threads, and
+    on a busy 2-core machine two spinning intra-op threads make tests several times
+    slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A tiny prepared synthetic dataset (16 pairs of 64x80)."""
     return make_dataset(tmp_path_factory.mktemp("synth"))

@@ -24,12 +24,12 @@ from torch import nn
 
 from segment_deeplab.checkpoint import load_any, sniff_format
 from segment_deeplab.classes import ClassInfo, colorize, overlay
-from segment_deeplab.data.decode import image_size, read_image
+from segment_deeplab.data.decode import read_image
 from segment_deeplab.device import pick_device
 from segment_deeplab.export.runtime import ExportError
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.predict import predict_groups
-from segment_deeplab.infer.runtimes import RUNTIMES, Choice, choose_runtime
+from segment_deeplab.infer.runtimes import RUNTIMES, Choice, choose_runtime, probe_size
 from segment_deeplab.infer.tta import TTA, forward_dtype, labels
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -123,7 +123,7 @@ class Segmenter:
 
     def _engine(self, first: torch.Tensor | Path) -> tuple[nn.Module, torch.dtype | None]:
         if self.choice is None:
-            size = tuple(first.shape[-2:]) if torch.is_tensor(first) else image_size(first)
+            size = probe_size(first)
             self.choice = choose_runtime(self.model, self.device, self.dtype, self._runtime, size)
             self.model = self.choice.model
             if not self.choice.dtype_applies:

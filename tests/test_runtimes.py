@@ -216,3 +216,15 @@ print("handled", got)
                           env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "handled [15]" in done.stdout
+
+
+def test_a_refused_runtime_leaves_no_output_folder(run_dir, tmp_path, cache, capsys):
+    onnx_file = tmp_path / "m.onnx"
+    export(run_dir, onnx_file, opset=17)
+    images = _images(tmp_path / "images", 1)
+    out = tmp_path / "pred"
+    code = main(["predict", str(images), "--checkpoint", str(onnx_file), "--output", str(out),
+                 "--runtime", "openvino"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "this model is an export" in err and "Traceback" not in err
+    assert not out.exists()

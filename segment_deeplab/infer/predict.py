@@ -12,7 +12,6 @@ run images through it, so they decode and batch images alike.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import sys
@@ -32,7 +31,7 @@ from segment_deeplab.data.decode import image_size, read_image
 from segment_deeplab.data.spec import IMAGE_EXTS
 from segment_deeplab.device import model_device, pick_device
 from segment_deeplab.infer.fold import for_inference
-from segment_deeplab.infer.runtimes import choose_runtime
+from segment_deeplab.infer.runtimes import choose_runtime, probe_size
 from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
 
 # Images above this many pixels are predicted in tiles of AUTO_WINDOW (as --window
@@ -291,13 +290,12 @@ def predict(
     paths, failed = collect_inputs(inputs)
     stems = output_stems(paths)
     _check_outputs(out, stems, paths, save_probs, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PREDICTIONS_MARK).touch()
-    probe = None
-    with contextlib.suppress(Exception):  # an unreadable first image fails on its own later
-        probe = image_size(paths[0]) if paths else None
+    # Before anything is written: a runtime that cannot be had is refused with no trace.
+    probe = probe_size(paths[0]) if paths else None
     choice = choose_runtime(model, model_device(model), dtype, runtime, probe, len(paths), progress)
     model, dtype = choice.model, dtype if choice.dtype_applies else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PREDICTIONS_MARK).touch()
     result = PredictResult(
         failed=list(failed), runtime=choice.runtime, runtime_note=choice.describe()
     )

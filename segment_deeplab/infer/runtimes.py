@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from segment_deeplab import __version__
+from segment_deeplab.data.decode import image_size
 from segment_deeplab.export.parity import check_parity, synthetic_images
 from segment_deeplab.export.runtime import ExportedModel, ExportError, onnx_runner, openvino_runner
 from segment_deeplab.models.deeplab import DeepLabV3
@@ -164,11 +165,21 @@ def _rate(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
     return x.shape[0] / statistics.median(times)
 
 
-def _available(runtime: str) -> str | None:
-    """None when the engine can be imported, else why not."""
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}[runtime]
+def probe_size(source: torch.Tensor | Path) -> tuple[int, int] | None:
+    """(H, W) of an image tensor or file to time the engines at; None when the file's
+    header cannot be read (that image then fails on its own when it is decoded)."""
+    if torch.is_tensor(source):
+        return tuple(source.shape[-2:])
     try:
-        __import__(module)
+        return image_size(source)
+    except Exception:
+        return None
+
+
+def _available(runtime: str) -> str | None:
+    """None when the engine (a module of the same name) can be imported, else why not."""
+    try:
+        __import__(runtime)
     except ImportError:
         extra = "segment-deeplab[openvino]" if runtime == "openvino" else runtime
         return f"not installed (pip install '{extra}')"

@@ -211,9 +211,9 @@ def fit(
                 unchecked.append((run.step, loss))
                 run.step += 1
                 window_end = run.step % tc.log_every == 0
-                if not info.enabled:
+                if not (info.enabled and run.budget):  # no decision rests on the clock
                     run.elapsed = time.perf_counter() - t_start
-                elif window_end and run.budget:
+                elif window_end:
                     # Every rank must agree on when a time budget ends (and on the LR it
                     # sets): rank 0's clock decides, read once per logging window.
                     run.elapsed = devices.broadcast_float(time.perf_counter() - t_start, info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from segment_deeplab.cli.common import UserError, dataset_args
 
@@ -161,8 +162,98 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _add_import(sub) -> argparse.ArgumentParser:
+    from segment_deeplab.data.importers import FORMATS
+
+    p = sub.add_parser(
+        "import",
+        help="turn an annotation tool's export (COCO, CVAT, Label Studio, labelme, "
+        "TFRecord) into a dataset folder, then validate it",
+        description="Write images/ (linked or copied, never re-encoded), masks/ (index "
+        "PNGs) and dataset.yaml (classes, ids and colours from the export) into a new "
+        "folder, then validate it. The export is never modified. Formats: "
+        + "; ".join(f"{k}: {v[2]}" for k, v in FORMATS.items()),
+    )
+    p.add_argument("format", choices=list(FORMATS), metavar="FORMAT", help=", ".join(FORMATS))
+    p.add_argument("source", nargs="+", help="the export: file(s) or folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="new dataset folder")
+    p.add_argument(
+        "--images", metavar="DIR",
+        help="folder the export's image names are relative to (default: found beside it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--labels", metavar="NAMES|FILE",
+        help="class order after background: 'road,car,person' or a file with one name per "
+        "line; a label not listed is an error (default: every label in the export)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overlap", choices=["later", "smaller", "ignore"],
+        help="where objects overlap: the later one (drawing order, z_order) on top, the "
+        "smaller one on top, or 255 (default: smaller for COCO, later for the others)",
+    )  # fmt: skip
+    p.add_argument(
+        "--crowd", choices=["class", "ignore", "skip"], default="class",
+        help="COCO iscrowd regions: painted as their class, as 255 (ignored), or left out",
+    )  # fmt: skip
+    p.add_argument(
+        "--empty", choices=["keep", "skip"], default="keep",
+        help="images without annotations: kept as all background, or left out",
+    )  # fmt: skip
+    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def _cmd_import(args) -> int:
+    import json
+    import shlex
+
+    from segment_deeplab.data.import_common import ImportOptions, read_label_list
+    from segment_deeplab.data.importers import run_import
+    from segment_deeplab.data.validate import format_report
+
+    opts = ImportOptions(
+        images=Path(args.images) if args.images else None,
+        labels=read_label_list(args.labels),
+        overlap=args.overlap,
+        crowd=args.crowd,
+        empty=args.empty,
+        copy=args.copy,
+        progress=not args.json and sys.stderr.isatty(),
+        command=shlex.join(["deeplab", "import", args.format, *args.source]),
+    )
+    res = run_import(args.format, args.source, args.output, opts)
+    if args.json:
+        print(json.dumps(res.to_dict()))
+        return 0 if res.report.ok else 1
+    c = res.counts
+    rate = c["images"] / res.seconds if res.seconds > 0 else 0.0
+    print(
+        f"imported {c['images']} images into {args.output} in {res.seconds:.1f} s "
+        f"({rate:.0f} images/s), {res.spec.num_classes} classes: " + ", ".join(res.spec.class_names)
+    )
+    for key, what in (
+        ("skipped_empty", "images without annotations left out (--empty skip)"),
+        ("corrupt_records", "corrupt records skipped (listed above)"),
+    ):
+        if c.get(key):
+            print(f"  {c[key]} {what}")
+    if res.spec.splits:
+        print("  splits: " + ", ".join(f"{k} {v}" for k, v in c.get("splits", {}).items()))
+    print(format_report(res.report))
+    if res.report.ok:
+        nxt = (
+            f"deeplab train --data {args.output} --output runs/first"
+            if {"train", "val"} <= set(res.spec.splits)
+            else f"deeplab prepare {args.output} --val-fraction 0.2"
+        )
+        print(f"next: {nxt}")
+    return 0 if res.report.ok else 1
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the `deeplab` parser."""
     _add_synth(sub).set_defaults(handler=_cmd_synth)
     _add_validate(sub).set_defaults(handler=_cmd_validate)
     _add_prepare(sub).set_defaults(handler=_cmd_prepare)
+    _add_import(sub).set_defaults(handler=_cmd_import)

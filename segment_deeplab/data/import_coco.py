@@ -208,9 +208,9 @@ def _import_file(path, data, split, mapping, writer, problems, opts, overlap, co
             problems.add(where, f"the image file {src} is missing")
             continue
         hw = image_size(src)
-        if "height" in im and "width" in im:
-            if not check_size(problems, where, hw, (int(im["height"]), int(im["width"]))):
-                continue
+        declared = (int(im.get("height", hw[0])), int(im.get("width", hw[1])))
+        if not check_size(problems, where, hw, declared):
+            continue
         shapes = []
         for i, ann in enumerate(anns):
             crowd = bool(ann.get("iscrowd", 0))

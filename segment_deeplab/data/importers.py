@@ -22,11 +22,11 @@ if TYPE_CHECKING:  # kept light: `deeplab --help` reads FORMATS without torch
 # format -> (module, function, what SOURCE is)
 FORMATS: dict[str, tuple[str, str, str]] = {
     "coco": ("import_coco", "import_coco", "instances JSON file(s), one per split"),
-    "cvat": ("import_cvat", "import_cvat_xml", "'CVAT for images 1.1' annotations.xml or its folder"),
+    "cvat": ("import_cvat", "import_cvat_xml", "'CVAT for images 1.1' XML or its folder"),
     "cvat-mask": ("import_cvat", "import_cvat_masks", "'Segmentation mask 1.1' export folder"),
     "labelstudio": ("import_labelstudio", "import_labelstudio", "Label Studio JSON export"),
     "labelme": ("import_labelme", "import_labelme", "folder of labelme JSON files (or the files)"),
-    "tfrecord": ("import_tfrecord", "import_tfrecord", "TF DeepLab / cvdata TFRecord shards or their folder"),
+    "tfrecord": ("import_tfrecord", "import_tfrecord", "TF DeepLab / cvdata shards or folder"),
 }  # fmt: skip
 
 

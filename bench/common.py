@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CAMVID_SOURCE = os.environ.get("CAMVID", "/work/shared/datasets/camvid")
+# The shared datasets sit beside the checkout; CAMVID=... points elsewhere.
+CAMVID_SOURCE = os.environ.get("CAMVID", str(ROOT.parent / "shared" / "datasets" / "camvid"))
 
 
 def machine() -> str:

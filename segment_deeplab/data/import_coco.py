@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from segment_deeplab.data.import_common import (
     IGNORE,
@@ -36,7 +35,9 @@ from segment_deeplab.data.import_common import (
     image_size,
     paint,
     resolve_image,
+    run_jobs,
     stem_of,
+    write_mask,
 )
 from segment_deeplab.data.spec import DatasetError
 
@@ -197,7 +198,8 @@ def _import_file(path, data, split, mapping, writer, problems, opts, overlap, co
          path.parent.parent / path.stem.removeprefix("instances_"), path.parent.parent],
         "give the image folder with --images DIR",
     )  # fmt: skip
-    for im in tqdm(images.values(), desc=f"import {path.name}", disable=not opts.progress):
+    jobs, stems = [], []
+    for im in images.values():
         anns = by_image.get(im["id"], [])
         if not anns and opts.empty == "skip":
             counts["skipped_empty"] += 1
@@ -207,28 +209,42 @@ def _import_file(path, data, split, mapping, writer, problems, opts, overlap, co
         if not src.is_file():
             problems.add(where, f"the image file {src} is missing")
             continue
-        hw = image_size(src)
-        declared = (int(im.get("height", hw[0])), int(im.get("width", hw[1])))
-        if not check_size(problems, where, hw, declared):
-            continue
+        stem = stem_of(im["file_name"])
+        writer.claim(stem, where)
+        declared = (im.get("height"), im.get("width"))
         shapes = []
-        for i, ann in enumerate(anns):
+        for ann in anns:
             crowd = bool(ann.get("iscrowd", 0))
             if crowd and opts.crowd == "skip":
                 continue
-            m = _decode(
-                ann.get("segmentation"), hw, f"{path} annotation {ann.get('id', '?')}", problems
-            )
-            if m is None:
-                continue
             cid = IGNORE if crowd and opts.crowd == "ignore" else mapping[ann["category_id"]]
+            shapes.append((f"{path} annotation {ann.get('id', '?')}", ann.get("segmentation"), cid))
             counts["crowd"] += crowd
-            shapes.append(Shape(m, cid, order=(i,)))
-        counts["annotations"] += len(shapes)
-        if problems.items:
-            continue  # keep collecting problems, write nothing more
-        stem = stem_of(im["file_name"])
-        writer.claim(stem, where)
+        jobs.append((where, src, declared, shapes, overlap, writer.mask_path(stem), writer.palette))
+        stems.append((stem, src))
+    for found, n_shapes in run_jobs(_rasterise, jobs, opts.progress):
+        problems.items.extend(found)
+        counts["annotations"] += n_shapes
+    if problems.items:
+        return
+    for stem, src in stems:
         writer.add_image_file(stem, src, split)
-        writer.add_mask(stem, paint(hw, shapes, overlap))
-        counts["images"] += 1
+    counts["images"] += len(stems)
+
+
+def _rasterise(where, src, declared, shapes, overlap, mask_path, palette):
+    """One image's mask from its annotations, written to `mask_path` (in a worker
+    process); returns (problems, shapes painted)."""
+    problems = ImportProblems(where)
+    hw = image_size(src)
+    declared = (int(declared[0] or hw[0]), int(declared[1] or hw[1]))
+    if not check_size(problems, where, hw, declared):
+        return problems.items, 0
+    painted = []
+    for i, (ann_where, segm, cid) in enumerate(shapes):
+        m = _decode(segm, hw, ann_where, problems)
+        if m is not None:
+            painted.append(Shape(m, cid, order=(i,)))
+    if not problems.items:
+        write_mask(mask_path, paint(hw, painted, overlap), palette)
+    return problems.items, len(painted)

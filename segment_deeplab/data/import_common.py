@@ -253,7 +253,7 @@ class DatasetWriter:
         shutil.rmtree(self.stage, ignore_errors=True)
         (self.stage / "images").mkdir(parents=True)
         (self.stage / "masks").mkdir()
-        self._palette = make_palette(classes)
+        self.palette = make_palette(classes)
         self.stems: dict[str, str] = {}  # stem -> the source it came from
         self.splits: dict[str, list[str]] = {}
 
@@ -311,9 +311,11 @@ class DatasetWriter:
 
     def add_mask(self, stem: str, ids: np.ndarray) -> None:
         """Write an (H, W) uint8 array of class ids as a palette PNG."""
-        img = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8))
-        img.putpalette(self._palette)  # "L" becomes "P" with the values kept
-        img.save(self.stage / "masks" / f"{stem}.png", optimize=False)
+        write_mask(self.mask_path(stem), ids, self.palette)
+
+    def mask_path(self, stem: str) -> Path:
+        """Where the mask of `stem` goes (for workers that write masks themselves)."""
+        return self.stage / "masks" / f"{stem}.png"
 
     def _split(self, stem: str, split: str | None) -> None:
         if split:
@@ -352,6 +354,21 @@ class DatasetWriter:
             self.output.rmdir()
         self.stage.rename(self.output)
         return spec
+
+
+def write_mask(path: Path, ids: np.ndarray, palette: list[int]) -> None:
+    """An (H, W) uint8 array of class ids as a palette PNG: the values are the ids, and
+    viewers show the class colours."""
+    img = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8))
+    img.putpalette(palette)  # "L" becomes "P" with the values kept
+    img.save(path)
+
+
+def run_jobs(fn, jobs: list[tuple], progress: bool) -> list:
+    """fn(*job) for every job over worker processes (small exports in this one)."""
+    from segment_deeplab.data.pairs import parallel_map
+
+    return parallel_map(fn, jobs, None, progress)
 
 
 def palette_to_ids(rgb: np.ndarray, colors: dict[tuple[int, int, int], int]) -> np.ndarray:

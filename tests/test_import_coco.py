@@ -271,3 +271,12 @@ def test_not_coco_json_and_unknown_format(tmp_path, capsys):
     assert main(["import", "coco", str(bad), "--output", str(tmp_path / "a")]) == 2
     assert "not a COCO instances file" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_stands_for_its_instances_files(tmp_path):
+    root = tmp_path / "export"
+    write_coco(root, "instances_train", image_ids=(1, 2))
+    write_coco(root, "instances_val", image_ids=(3, 4), seed=1)
+    out = tmp_path / "ds"
+    assert main(["import", "coco", str(root), "--output", str(out)]) == 0
+    assert sorted(p.name for p in (out / "splits").iterdir()) == ["train.txt", "val.txt"]

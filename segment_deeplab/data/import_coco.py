@@ -60,6 +60,30 @@ def _load(path: Path) -> dict:
     return data
 
 
+def _json_files(sources: list[Path]) -> list[Path]:
+    """The JSON files named, a folder standing for its instances_*.json (or its only
+    JSON file), also in an annotations/ folder inside it."""
+    out = []
+    for src in sources:
+        if not src.is_dir():
+            out.append(src)
+            continue
+        found = sorted(src.glob("instances_*.json")) or sorted(
+            (src / "annotations").glob("instances_*.json")
+        )
+        if not found:
+            found = sorted(src.glob("*.json")) or sorted((src / "annotations").glob("*.json"))
+            if len(found) > 1:
+                raise DatasetError(
+                    f"{src} holds {len(found)} JSON files ({', '.join(p.name for p in found)}); "
+                    "name the COCO instances file(s) to import"
+                )
+        if not found:
+            raise DatasetError(f"{src} holds no COCO JSON file (instances_*.json)")
+        out.extend(found)
+    return out
+
+
 def _split_name(path: Path, n_files: int) -> str | None:
     """The split a file holds, read off its name (instances_train2017 -> train)."""
     if n_files == 1:
@@ -148,7 +172,7 @@ def import_coco(sources: list[Path], output: Path, opts: ImportOptions):
     if opts.crowd not in CROWD_RULES:
         raise DatasetError(f"--crowd {opts.crowd!r}: choose one of {', '.join(CROWD_RULES)}")
     overlap = opts.overlap or "smaller"
-    files = {p: _load(p) for p in sources}
+    files = {p: _load(p) for p in _json_files(sources)}
     classes, mapping = _categories(files, opts.labels)
     problems = ImportProblems(", ".join(str(p) for p in sources))
     counts = {"images": 0, "annotations": 0, "skipped_empty": 0, "crowd": 0}

@@ -234,6 +234,9 @@ def _cmd_import(args) -> int:
     )
     for key, what in (
         ("skipped_empty", "images without annotations left out (--empty skip)"),
+        ("unannotated", "tasks without a finished annotation left out"),
+        ("skipped_shapes", "shapes without an area (lines, points) not painted"),
+        ("skipped_results", "results that are no area (choices, text, keypoints) not painted"),
         ("corrupt_records", "corrupt records skipped (listed above)"),
     ):
         if c.get(key):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # kept light: `deeplab --help` reads FORMATS without torch
 FORMATS: dict[str, tuple[str, str, str]] = {
     "coco": ("import_coco", "import_coco", "instances JSON file(s), one per split"),
     "cvat": ("import_cvat", "import_cvat_xml", "'CVAT for images 1.1' XML or its folder"),
-    "cvat-mask": ("import_cvat", "import_cvat_masks", "'Segmentation mask 1.1' export folder"),
+    "cvat-mask": ("import_cvat_mask", "import_cvat_masks", "'Segmentation mask 1.1' export folder"),
     "labelstudio": ("import_labelstudio", "import_labelstudio", "Label Studio JSON export"),
     "labelme": ("import_labelme", "import_labelme", "folder of labelme JSON files (or the files)"),
     "tfrecord": ("import_tfrecord", "import_tfrecord", "TF DeepLab / cvdata shards or folder"),
@@ -78,4 +78,23 @@ def run_import(
     spec, counts = fn(paths, Path(output), opts)
     seconds = time.perf_counter() - t0
     report = validate_dataset(spec, spec.image_dir, spec.mask_dir, progress=opts.progress)
+    if report.ok:
+        _add_stats(spec, report)
     return ImportResult(spec, counts, report, seconds)
+
+
+def _add_stats(spec: DatasetSpec, report: ValidationReport) -> None:
+    """The class statistics and content hash `prepare` would write, into the new
+    dataset.yaml: an export that brings its own train/val split trains as it is."""
+    import yaml
+
+    from segment_deeplab.atomic import write_text
+    from segment_deeplab.data.pairs import dataset_hash
+    from segment_deeplab.data.prepare import class_stats
+
+    text = spec.path.read_text()
+    head = "".join(ln for ln in text.splitlines(keepends=True) if ln.startswith("#"))
+    d = yaml.safe_load(text)
+    spec.stats = d["stats"] = class_stats(report)
+    spec.hash = d["hash"] = dataset_hash(report.file_hashes)
+    write_text(spec.path, head + yaml.safe_dump(d, sort_keys=False, default_flow_style=None))

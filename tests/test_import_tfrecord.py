@@ -174,24 +174,41 @@ def _example(r: dict) -> bytes:
     })  # fmt: skip
 
 
-def _write_with_tfrecord_package(folder: Path, shards: dict[str, list[dict]]) -> None:
-    from tfrecord.writer import TFRecordWriter
+_TFRECORD_PACKAGE_SCRIPT = """
+import pickle, sys
+from pathlib import Path
+from tfrecord.writer import TFRecordWriter
 
+folder, shards = Path(sys.argv[1]), pickle.loads(Path(sys.argv[2]).read_bytes())
+for name, records in shards.items():
+    w = TFRecordWriter(str(folder / name))
+    for r in records:
+        w.write({
+            "image/encoded": (r["image"], "byte"),
+            "image/filename": (r["filename"].encode(), "byte"),
+            "image/format": (r["format"].encode(), "byte"),
+            "image/height": (r["height"], "int"),
+            "image/width": (r["width"], "int"),
+            "image/channels": (3, "int"),
+            "image/segmentation/class/encoded": (r["seg"], "byte"),
+            "image/segmentation/class/format": (b"png", "byte"),
+        })
+    w.close()
+"""
+
+
+def _write_with_tfrecord_package(folder: Path, shards: dict[str, list[dict]]) -> None:
+    """The `tfrecord` package's writer, in a process of its own: its Example message
+    goes into protobuf's default pool, where TensorFlow's (loaded in this process by
+    tensorboard when it is installed) already is."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, records in shards.items():
-        w = TFRecordWriter(str(folder / name))
-        for r in records:
-            w.write({
-                "image/encoded": (r["image"], "byte"),
-                "image/filename": (r["filename"].encode(), "byte"),
-                "image/format": (r["format"].encode(), "byte"),
-                "image/height": (r["height"], "int"),
-                "image/width": (r["width"], "int"),
-                "image/channels": (3, "int"),
-                "image/segmentation/class/encoded": (r["seg"], "byte"),
-                "image/segmentation/class/format": (b"png", "byte"),
-            })  # fmt: skip
-        w.close()
+    data = folder.parent / f".{folder.name}.records.pkl"
+    data.write_bytes(pickle.dumps({k: [{**r, "ids": None} for r in v] for k, v in shards.items()}))
+    try:
+        cmd = [sys.executable, "-c", _TFRECORD_PACKAGE_SCRIPT, str(folder), str(data)]
+        subprocess.run(cmd, check=True, timeout=120)
+    finally:
+        data.unlink()
 
 
 def _tf_installed() -> bool:

@@ -73,6 +73,9 @@ class DataConfig:
     color_jitter: float = 0.0
     # Loader worker processes; None picks min(4, cores).
     workers: int | None = None
+    # Training from shards: samples each loader worker holds to shuffle across its
+    # shards (memory: this many encoded samples per worker).
+    shard_buffer: int = 256
 
 
 @dataclass

@@ -229,3 +229,46 @@ def build_loader(
         pin_memory=pin,
         collate_fn=collate,
     )
+
+
+def open_split(spec: DatasetSpec, split: str, transform: Callable | None = None) -> Dataset:
+    """A split as a map-style dataset (validation, eval): from the folders, or read in
+    order from the shards of a sharded dataset."""
+    if spec.manifest is not None:
+        from segment_deeplab.data.stream import ShardSplit
+
+        return ShardSplit(spec.manifest, split, transform)
+    return SegmentationFolder(spec, split, transform=transform)
+
+
+def build_stream_loader(
+    spec: DatasetSpec, cfg: DataConfig, *, seed: int, rank: int, world: int, device
+):
+    """The training loader of a sharded dataset: a `stream.ShardStream` (which is also
+    the loop's epoch schedule: `set_epoch`, `batches_per_epoch`) and its loader, cut to
+    the epoch's length. Returns (stream, loader)."""
+    from segment_deeplab.data.stream import ShardStream, StreamLoader
+
+    workers = resolve_workers(cfg.workers, device)
+    stream = ShardStream(
+        spec.manifest,
+        "train",
+        build_transforms(cfg, True, spec.ignore_index),
+        batch_size=cfg.batch_size,
+        seed=seed,
+        rank=rank,
+        world=world,
+        workers=workers,
+        buffer=cfg.shard_buffer,
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        num_workers=workers,
+        # New workers each epoch: they take the epoch and the batches to skip with them.
+        persistent_workers=False,
+        pin_memory=_device(device).type == "cuda",
+        collate_fn=functools.partial(pad_collate, ignore_index=spec.ignore_index),
+    )
+    return stream, StreamLoader(stream, loader)

@@ -59,6 +59,9 @@ class DatasetSpec:
     hash: str | None = None
     # the dataset.yaml this came from, or None when derived from the masks
     path: Path | None = None
+    # a sharded dataset (`deeplab prepare --shards`): its manifest (data.shards.Manifest);
+    # image_dir and mask_dir then name where the manifest is
+    manifest: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +79,8 @@ class DatasetSpec:
         return [c.id for c in self.classes]
 
     def read_split(self, split: str) -> list[str]:
+        if self.manifest is not None:
+            return [k for shard in self.manifest.shards(split) for k in shard.keys]
         if split not in self.splits:
             have = ", ".join(self.splits) or "none"
             hint = "run `deeplab prepare` on it first" if not self.splits else ""
@@ -337,7 +342,24 @@ def _described(raw: dict, spec_path: Path, base: Path, image_dir: Path, mask_dir
 
 
 def open_dataset(dataset: str | Path, spec: str | Path | None = None) -> DatasetSpec:
-    """A described dataset, ready for loading (used by train/eval)."""
+    """A described dataset, ready for loading (used by train/eval): a folder, its
+    dataset.yaml, or the manifest of its shards (a path or URL, see data/stream.py)."""
+    from segment_deeplab.data.stream import load_manifest, manifest_location
+
+    location = manifest_location(dataset) if spec is None else None
+    if location is not None:
+        m = load_manifest(location)
+        where = Path(location) if "://" in location else Path(location).parent
+        return DatasetSpec(
+            classes=m.classes,
+            image_dir=where,
+            mask_dir=where,
+            ignore_index=m.ignore_index,
+            splits={name: where for name in m.splits},
+            stats=m.stats,
+            hash=m.hash,
+            manifest=m,
+        )
     ds, *_ = resolve_dataset(dataset, spec=spec)
     if ds is None:
         raise DatasetError(

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from segment_deeplab import device as devices
 from segment_deeplab.atomic import check_writable_dir
 from segment_deeplab.checkpoint import CheckpointError, load_any
-from segment_deeplab.data.dataset import SegmentationFolder
+from segment_deeplab.data.dataset import open_split
 from segment_deeplab.data.spec import DatasetError, open_dataset
 from segment_deeplab.infer.eval_outputs import write_outputs
 from segment_deeplab.infer.fold import for_inference
@@ -175,7 +175,7 @@ def run_eval(
     try:
         loaded = load_any(checkpoint, info.device)
         check_classes(loaded.classes, ds.class_names)
-        folder = SegmentationFolder(ds, split)
+        folder = open_split(ds, split)
         model = for_inference(loaded.model, info.device)
         dtype = forward_dtype(model, amp, info.device)
         result = evaluate(

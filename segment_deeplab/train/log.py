@@ -7,7 +7,9 @@ prediction overlays are written at every validation.
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ def log_jsonl(path: Path, record: dict) -> None:
 def open_tensorboard(out: Path, step: int = 0):
     """A TensorBoard writer for `out/tb`; a resumed run (`step` > 0) drops the events of
     steps after its checkpoint, which it trains and logs again."""
+    # tensorboard imports all of TensorFlow when it is installed (seconds, and its
+    # protobuf messages) unless `tensorboard.compat.notf` exists: its own switch to the
+    # stub, which is all the event writer needs.
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but keep training if it breaks

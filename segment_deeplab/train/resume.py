@@ -78,6 +78,12 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, spec: DatasetSpec) -> None:
     old, new = _flat(Config.from_dict(ckpt["config"])), _flat(cfg)
     skip = set(MAY_CHANGE) | set(_DERIVED)
     diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in skip and old[k] != new[k]]
+    if spec.manifest is not None and old["data.workers"] != new["data.workers"]:
+        # A stream's batches are dealt to loader workers: another count, other batches.
+        diffs.append(
+            f"data.workers: {old['data.workers']!r} -> {new['data.workers']!r} (training "
+            "from shards, the batches depend on it: resume with the same data.workers)"
+        )
     classes = [c["name"] for c in ckpt.get("classes", [])]
     if classes != spec.class_names:
         diffs.append(f"classes: {classes} -> {spec.class_names}")

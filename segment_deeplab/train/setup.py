@@ -9,13 +9,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from segment_deeplab import checkpoint
 from segment_deeplab import device as devices
 from segment_deeplab.atomic import check_writable_dir
 from segment_deeplab.config import Config, ConfigError, TrainConfig, save_config
-from segment_deeplab.data.dataset import SegmentationFolder, build_loader
+from segment_deeplab.data.dataset import (
+    build_loader,
+    build_stream_loader,
+    open_split,
+    resolve_workers,
+)
 from segment_deeplab.data.spec import DatasetSpec
 from segment_deeplab.data.transforms import eval_transforms
 from segment_deeplab.losses import build_loss, prior_logit_bias
@@ -119,9 +124,9 @@ class Run:
     scaler: torch.amp.GradScaler | None
     dtype: torch.dtype | None  # autocast dtype; None: fp32
     loss_fn: object
-    sampler: schedule.EpochBatchSampler
-    loader: DataLoader
-    val_set: SegmentationFolder | None
+    sampler: schedule.EpochBatchSampler  # or a data.stream.ShardStream (shards)
+    loader: DataLoader  # or a data.stream.StreamLoader
+    val_set: Dataset | None  # SegmentationFolder, or a stream.ShardSplit
     total: int | None  # steps, None when only a time budget bounds the run
     budget: float | None  # seconds
     step: int = 0
@@ -180,6 +185,22 @@ def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState 
     return None
 
 
+def _train_data(cfg: Config, spec: DatasetSpec, info: devices.DistInfo):
+    """(epoch schedule, loader) of the train split: a seeded, resumable batch sampler
+    over the folders, or the stream of a sharded dataset (data/stream.py)."""
+    if spec.manifest is not None:
+        return build_stream_loader(
+            spec, cfg.data, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
+            device=info.device,
+        )  # fmt: skip
+    n_train = len(spec.read_split("train"))
+    sampler = schedule.EpochBatchSampler(
+        n_train, cfg.data.batch_size, cfg.train.seed, info.rank, info.world_size
+    )
+    loader = build_loader(spec, "train", cfg.data, True, device=info.device, batch_sampler=sampler)
+    return sampler, loader
+
+
 def setup_run(
     cfg: Config, spec: DatasetSpec, out: Path, resume: bool, device: str, verbose: bool
 ) -> Run:
@@ -191,17 +212,17 @@ def setup_run(
     class_pixels = spec.stats.get("class_pixels")
     if cfg.model.logit_bias is None:  # class weights' shift, taken out at inference
         cfg.model.logit_bias = prior_logit_bias(tc, spec.num_classes, class_pixels)
+    if spec.manifest is not None:
+        # A stream's batches depend on the worker count: the run records the count it
+        # uses, and a resumed run is held to it (resume.check_resume).
+        cfg.data.workers = resolve_workers(cfg.data.workers, info.device)
     state = _resume_state(out, resume, cfg, spec, info)
     torch.manual_seed(tc.seed)  # same initial weights on every rank
     model, freeze_bn = build_train_model(cfg, info, state is not None, verbose)
     optimizer = build_optimizer(model, tc)
     dtype = devices.autocast_dtype(tc.amp, info.device)
     scaler = grad_scaler(dtype, info.device)
-    n_train = len(spec.read_split("train"))
-    sampler = schedule.EpochBatchSampler(
-        n_train, cfg.data.batch_size, tc.seed, info.rank, info.world_size
-    )
-    loader = build_loader(spec, "train", cfg.data, True, device=info.device, batch_sampler=sampler)
+    sampler, loader = _train_data(cfg, spec, info)
     has_val = "val" in spec.splits
     run = Run(
         cfg, spec, out, info, model,
@@ -209,7 +230,7 @@ def setup_run(
         freeze_bn, optimizer, scaler, dtype,
         build_loss(tc, spec.num_classes, spec.ignore_index, class_pixels, info.device),
         sampler, loader,
-        SegmentationFolder(spec, "val", transform=eval_transforms()) if has_val else None,
+        open_split(spec, "val", eval_transforms()) if has_val else None,
         schedule.total_steps(tc, sampler.batches_per_epoch),
         schedule.parse_duration(tc.time),
     )  # fmt: skip
@@ -221,6 +242,6 @@ def setup_run(
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if spec.path is None:  # a dataset described on the fly: keep its description
+        if spec.path is None and spec.manifest is None:  # described on the fly: keep it
             spec.save(out / "dataset.yaml")
     return run

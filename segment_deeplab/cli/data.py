@@ -106,15 +106,91 @@ def _add_prepare(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--workers", type=int, metavar="N", help="reader processes (default: cores)")
+    _add_shard_args(p)
     return p
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "shards",
+        "also write each split as shards into OUTPUT/shards/ with a manifest.json, for "
+        "training across machines or from object storage (--data .../manifest.json)",
+    )
+    one = g.add_mutually_exclusive_group()
+    one.add_argument(
+        "--shards", type=int, metavar="N",
+        help="train in N shards of near-equal sample counts (a seeded random mix each); "
+        "val in as many in proportion to its size",
+    )  # fmt: skip
+    one.add_argument(
+        "--shard-size", metavar="SIZE",
+        help="shards of at most SIZE bytes, e.g. 1GB, 500MB or 1GiB",
+    )  # fmt: skip
+    g.add_argument(
+        "--shard-format", choices=["webdataset", "tfrecord"],
+        help="webdataset: tars of the image and mask files (default); tfrecord: TF "
+        "DeepLab's build_data.py records",
+    )  # fmt: skip
+
+
+def _shard_plan(args):
+    """(shards, shard_size, format) from the flags, checked before the long pass; None
+    without --shards or --shard-size."""
+    from segment_deeplab.data.shard_write import check_shard_args, parse_size
+
+    if args.shards is None and args.shard_size is None:
+        if args.shard_format:
+            raise UserError("--shard-format needs --shards N or --shard-size SIZE")
+        return None
+    size = parse_size(args.shard_size) if args.shard_size is not None else None
+    fmt = args.shard_format or "webdataset"
+    check_shard_args(args.shards, size, fmt)
+    return args.shards, size, fmt
+
+
+def _prepare_command(args) -> str:
+    """The command line, as the manifest's created_by."""
+    import shlex
+
+    words = ["deeplab", "prepare"] + ([args.dataset] if args.dataset else [])
+    for flag, value in (
+        ("--images", args.images), ("--masks", args.masks), ("--spec", args.spec),
+        ("--output", args.output), ("--val-fraction", args.val_fraction),
+        ("--seed", args.seed), ("--group-by", args.group_by),
+        ("--shards", args.shards), ("--shard-size", args.shard_size),
+        ("--shard-format", args.shard_format),
+    ):  # fmt: skip
+        if value is not None:
+            words += [flag, str(value)]
+    if args.remap:
+        words += ["--remap", *args.remap]
+    return shlex.join(words)
+
+
+def _write_shards(args, res, plan, out_dir: Path, progress: bool):
+    from segment_deeplab.data.shard_write import summary, write_shards
+
+    shards, size, fmt = plan
+    manifest = write_shards(res, out_dir, shards, size, fmt, progress, _prepare_command(args))
+    return manifest, {"manifest": manifest.location, "format": fmt, "splits": summary(manifest)}
 
 
 def _cmd_prepare(args) -> int:
     import json
 
     from segment_deeplab.data.prepare import ValidationFailed, parse_remap, prepare_dataset
+    from segment_deeplab.data.shard_write import (
+        check_shards_output,
+        format_size,
+        prepare_output_dir,
+    )
     from segment_deeplab.data.validate import format_report
 
+    plan = _shard_plan(args)
+    progress = not args.json and sys.stderr.isatty()
+    if plan:
+        out_dir = prepare_output_dir(args.dataset, args.images, args.masks, args.spec, args.output)
+        check_shards_output(out_dir)
     try:
         res = prepare_dataset(
             args.dataset,
@@ -127,14 +203,15 @@ def _cmd_prepare(args) -> int:
             remap=parse_remap(args.remap),
             group_by=args.group_by,
             workers=args.workers,
-            progress=not args.json and sys.stderr.isatty(),
+            progress=progress,
         )
     except ValidationFailed as e:
         print(json.dumps(e.report.to_dict()) if args.json else format_report(e.report))
         print(f"error: {e}", file=sys.stderr)
         return 1
+    sharded = _write_shards(args, res, plan, out_dir, progress) if plan else None
     if args.json:
-        print(json.dumps(res.to_dict()))
+        print(json.dumps({**res.to_dict(), **({"shards": sharded[1]} if sharded else {})}))
         return 0
     for w in res.report.warnings:
         print(f"warning {w.code}: {w.message}")
@@ -154,6 +231,13 @@ def _cmd_prepare(args) -> int:
     print(f"wrote {res.spec_path} and its splits/ ({res.spec.hash[:19]}...)")
     if res.backup:
         print(f"your lines in it are kept as they were; the original is also in {res.backup}")
+    if sharded:
+        for split, c in sharded[1]["splits"].items():
+            print(
+                f"{split}: {c['shards']} shard{'s' * (c['shards'] != 1)}, {c['samples']} "
+                f"samples, {format_size(c['bytes'])}"
+            )
+        print(f"wrote {sharded[1]['format']} shards and {sharded[0].location}")
     if res.placeholders:
         print(
             f"there was no dataset.yaml: the classes are placeholders named class_<id> with "

@@ -197,7 +197,7 @@ def class_stats(report: ValidationReport) -> dict[str, Any]:
     }
 
 
-def _output_dir(dataset, output, spec: DatasetSpec | None, image_dir: Path) -> Path:
+def output_dir(dataset, output, spec: DatasetSpec | None, image_dir: Path) -> Path:
     if output is not None:
         return Path(output)
     if dataset is not None:
@@ -271,7 +271,7 @@ def prepare_dataset(
         OutputError: an output folder that is a file or cannot be written.
     """
     ds, image_dir, mask_dir, _ = resolve_dataset(dataset, images, masks, spec)
-    out_dir = _output_dir(dataset, output, ds, image_dir)
+    out_dir = output_dir(dataset, output, ds, image_dir)
     check_writable_dir(out_dir)  # refused before the long pass, with the folder named
     pattern = parse_group_by(group_by)
     make_split([], val_fraction, seed)  # checks the fraction before the long pass

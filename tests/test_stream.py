@@ -185,3 +185,43 @@ def s3_url(shards, monkeypatch):
 def test_train_and_eval_read_shards_from_an_s3_api(s3_url, tmp_path):
     result = _train_and_eval(s3_url, tmp_path)
     assert len(result["per_image"]) == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_at_a_c10d_rendezvous_and_read_disjoint_shards(shards, tmp_path):
+    """Two `torchrun --nnodes 2` launchers on one machine, one process each, as two
+    machines would run them (each with its own --node-rank)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        cmd += ["--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "-m", "segment_deeplab"]
+        cmd += ["train", "--data", str(shards), "--output", str(run), "--no-progress"]
+        cmd += ["--device", "cpu", *RUN, "train.steps=3", "train.val_every=3"]
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    read = next(r["rank_shards"] for r in records if "rank_shards" in r)
+    assert len(read) == 2 and read[0] and read[1] and not set(read[0]) & set(read[1])
+    sums = next(r["rank_weight_checksums"] for r in records if "rank_weight_checksums" in r)
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert any("val" in r for r in records)
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "report.html"):
+        assert (run / name).is_file(), name
+    assert load_file(run / "last.pt")["step"] == 3

@@ -109,9 +109,7 @@ def parse_manifest(text: str, location: str) -> Manifest:
         d = json.loads(text)
         if d.get("format") not in FORMATS:
             raise ValueError(f"format {d.get('format')!r} is not one of {', '.join(FORMATS)}")
-        splits = {
-            name: [Shard(**s) for s in body["shards"]] for name, body in d["splits"].items()
-        }
+        splits = {name: [Shard(**s) for s in body["shards"]] for name, body in d["splits"].items()}
         return Manifest(
             format=d["format"],
             classes=from_dicts(d["classes"]),

@@ -161,6 +161,16 @@ def _progress_bar(run: Run, progress: bool) -> tqdm:
     )
 
 
+def _log_shards(run: Run) -> None:
+    """Which shards each rank reads (training from shards under torchrun), in the log."""
+    if run.spec.manifest is None or not run.info.enabled:
+        return
+    mine = [shard.url for shard in run.sampler.mine]
+    every = devices.gather_objects([mine])
+    if run.info.is_main:
+        log_jsonl(run.out / "metrics.jsonl", {"step": run.step, "rank_shards": every})
+
+
 def _finish(run: Run) -> None:
     if run.info.enabled:  # DDP keeps replicas equal; record the proof in the run log
         sums = devices.gather_checksums(devices.unwrap(run.model), run.info)
@@ -187,6 +197,7 @@ def fit(
         resume: continue the run in `out_dir` from its last.pt.
     """
     run = setup_run(cfg, spec, Path(out_dir), resume, device, verbose)
+    _log_shards(run)
     tc, info = cfg.train, run.info
     writer = open_tensorboard(run.out, run.step) if info.is_main else None
     log = RunLog(run.out / "metrics.jsonl", writer, spec, info.is_main)

@@ -196,10 +196,16 @@ def load_model(
 def load_init_checkpoint(model: nn.Module, path: str | Path, verbose: bool = False) -> InitSummary:
     """Initialise `model` from a local weights file: a segment-deeplab checkpoint, or a
     timm or torchvision state dict (.pt/.pth/.bin/.safetensors; see `models.init`)."""
+    from segment_deeplab.models.tf_import import init_from_tf, is_tf_checkpoint, summary
+
     path = Path(path)
-    if path.suffix in TF_SUFFIXES or ".data-" in path.name:
+    if is_tf_checkpoint(path) or ".data-" in path.name:  # TF DeepLab's model zoo, ...
+        report = init_from_tf(model, path.with_name(path.name.split(".data-")[0]))
+        return f"init from {path} (TensorFlow): {summary(report)}"
+    if path.suffix in TF_SUFFIXES:
         raise ModelError(
-            f"{path} looks like a TensorFlow/Keras checkpoint, which cannot be read; use "
+            f"{path} looks like a TensorFlow/Keras file that is no V2 checkpoint (a frozen "
+            ".pb, .h5, or a .meta graph); give the checkpoint's PREFIX.index, use "
             "model.pretrained=true (timm's ports of the ImageNet weights) or a PyTorch file"
         )
     try:

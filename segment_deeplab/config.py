@@ -56,6 +56,11 @@ class ModelConfig:
     pretrained: bool = False
     # A local file to initialise from: segment-deeplab checkpoint or backbone state dict.
     init_checkpoint: str | None = None
+    # TF DeepLab's arithmetic, so a model imported from a TF checkpoint (`deeplab
+    # import-tf`, which sets it) gives TF's numbers: inputs scaled to [-1, 1], TF's
+    # padding of strided convs, batch-norm epsilons, bilinear resizes with
+    # align_corners, and the low-level features taken before their ReLU.
+    tf_compat: bool = False
 
 
 @dataclass

@@ -44,9 +44,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from segment_deeplab.device import DeviceError
     from segment_deeplab.export.runtime import ExportError
     from segment_deeplab.models import ModelError
+    from segment_deeplab.models.tf_checkpoint import TFCheckpointError
 
     errors = (UserError, ConfigError, DatasetError, CheckpointError, ModelError, DeviceError)
-    return (*errors, ExportError, OutputError)
+    return (*errors, ExportError, OutputError, TFCheckpointError)
 
 
 def _message(e: BaseException) -> str:

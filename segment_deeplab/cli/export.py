@@ -82,6 +82,81 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_import_tf(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "import-tf",
+        help="turn a TF DeepLab checkpoint (model zoo or your own) into a segment-deeplab one",
+        description="Read a TensorFlow V2 checkpoint (PREFIX.index + PREFIX.data-*; no "
+        "TensorFlow needed), map TF DeepLab's variables to the model, and write a "
+        "checkpoint that eval, predict, export and --init-checkpoint take. The model keeps "
+        "TF's arithmetic (model.tf_compat), so its outputs are TF's.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT_PREFIX", help="model.ckpt (or .index, or its folder)"
+    )
+    p.add_argument("--model-variant", required=True, help="xception_65, mobilenet_v2, ...")
+    p.add_argument("--num-classes", type=int, help="needed when the checkpoint has no logits")
+    p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
+    p.add_argument("--output", required=True, metavar="FILE", help="the .pt to write")
+    p.add_argument("--data", metavar="DATASET", help="take the class names from this dataset")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _cmd_import_tf(args) -> int:
+    import json
+    from pathlib import Path
+
+    from segment_deeplab.atomic import check_writable_file
+    from segment_deeplab.checkpoint import FORMAT, save
+    from segment_deeplab.classes import placeholder_classes, to_dicts
+    from segment_deeplab.config import Config
+    from segment_deeplab.models.tf_import import import_tf, summary
+
+    out = check_writable_file(args.output)
+    if out.exists():
+        raise UserError(f"--output {out} exists; choose a new file (nothing is written over)")
+    model, report = import_tf(
+        args.checkpoint, args.model_variant, args.num_classes, args.output_stride
+    )
+    classes = placeholder_classes(list(range(model.cfg.num_classes)))
+    if args.data:
+        from segment_deeplab.data.spec import open_dataset
+
+        spec = open_dataset(args.data)
+        if spec.num_classes != model.cfg.num_classes:
+            raise UserError(
+                f"--data {args.data} has {spec.num_classes} classes, the checkpoint "
+                f"{model.cfg.num_classes}"
+            )
+        classes = spec.classes
+    cfg = Config()
+    cfg.model = model.cfg
+    save(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "classes": to_dicts(classes),
+            "ignore_index": 255,
+            "step": 0,
+            "imported_from": str(Path(args.checkpoint).resolve()),
+        },
+        out,
+    )
+    if args.json:
+        print(json.dumps({"output": str(out), "mapped": report.mapped,
+                          "left_in_tf": report.left_in_tf, "new_in_model": report.new_in_model,
+                          "head_is_new": report.head_is_new}))  # fmt: skip
+        return 0
+    print(summary(report))
+    print(
+        f"wrote {out} ({model.cfg.model_variant}, {model.cfg.num_classes} classes, TF arithmetic)"
+    )
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the `deeplab` parser."""
     _add_export(sub).set_defaults(handler=_cmd_export)
+    _add_import_tf(sub).set_defaults(handler=_cmd_import_tf)

@@ -65,8 +65,11 @@ def is_xception(name: str) -> bool:
     return "xception" in name
 
 
-def create_features(name: str, output_stride: int, pretrained: bool = False) -> nn.Module:
-    """Build timm's features_only model for `name`, dilated to `output_stride`.
+def create_features(
+    name: str, output_stride: int, pretrained: bool = False, pad_type: str = ""
+) -> nn.Module:
+    """Build timm's features_only model for `name`, dilated to `output_stride`;
+    `pad_type="same"` pads as TensorFlow's SAME does (more at the end for stride 2).
 
     Raises:
         ModelError: the model has no feature extractor, cannot dilate, or does not
@@ -91,6 +94,8 @@ def create_features(name: str, output_stride: int, pretrained: bool = False) -> 
             f"timm model '{name}' has no feature extractor (features_only); use one of "
             f"{', '.join(VARIANTS)}"
         ) from e
+    if pad_type == "same":
+        same_padding(body)
     last = body.feature_info.reduction()[-1]
     if last != output_stride:
         raise ModelError(
@@ -99,6 +104,24 @@ def create_features(name: str, output_stride: int, pretrained: bool = False) -> 
             f"supports dilation ({', '.join(VARIANTS)})"
         )
     return body
+
+
+def same_padding(module: nn.Module) -> None:
+    """Strided convolutions padded as TensorFlow's SAME padding does: the padding a
+    stride-2 3x3 conv needs on an even size goes after the image, not before (PyTorch
+    pads both sides alike, TF's stride-1 SAME does too, so only strided convs change)."""
+    from timm.layers import Conv2dSame
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and max(child.kernel_size) > 1:
+            same = Conv2dSame(
+                child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                0, child.dilation, child.groups, child.bias is not None,
+            )  # fmt: skip
+            same.load_state_dict(child.state_dict())
+            setattr(module, name, same)
+        else:
+            same_padding(child)
 
 
 def feature_spec(body: nn.Module) -> FeatureSpec:

@@ -78,6 +78,24 @@ def upsample(x: torch.Tensor, factor: int, size: torch.Size | tuple[int, int]) -
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def resize(x: torch.Tensor, factor: int, size, tf_compat: bool) -> torch.Tensor:
+    """`upsample`, or TF DeepLab's resize: bilinear to `size` with align_corners=True."""
+    if tf_compat:
+        return F.interpolate(x, size=(size[0], size[1]), mode="bilinear", align_corners=True)
+    return upsample(x, factor, size)
+
+
+# TF DeepLab's batch-norm epsilon: its head (model.py) and each backbone's arg scope.
+TF_HEAD_EPS = 1e-5
+TF_BACKBONE_EPS = {"xception": 1e-3, "mobilenet": 1e-3, "resnet": 1e-5}
+
+
+def set_bn_eps(module: nn.Module, eps: float) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = eps
+
+
 def init_head(module: nn.Module) -> None:
     """Kaiming for convs (they feed ReLUs), BN to identity."""
     for m in module.modules():
@@ -102,9 +120,11 @@ class Decoder(nn.Module):
         separable: bool,
         factor: int = 1,
         convs: int = 2,
+        tf_compat: bool = False,
     ) -> None:
         super().__init__()
         self.factor = factor  # high-level stride / low-level stride
+        self.tf_compat = tf_compat
         # TF reduces the low-level features to 48 channels so they do not outweigh ASPP.
         self.project = conv_bn_relu(low_in_channels, low_channels, 1)
         fuse = [conv3x3(high_channels + low_channels, channels, 1, separable)]
@@ -113,7 +133,7 @@ class Decoder(nn.Module):
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         low = self.project(low)  # (B, low_channels, H/4, W/4) at decoder stride 4
-        high = upsample(high, self.factor, low.shape[-2:])
+        high = resize(high, self.factor, low.shape[-2:], self.tf_compat)
         return self.fuse(torch.cat([high, low], dim=1))  # (B, channels, H/4, W/4)
 
 
@@ -139,8 +159,16 @@ class DeepLabV3(nn.Module):
             else default_atrous_rates(cfg.output_stride)
         )
         self.separable = is_xception(self.timm_name) if cfg.separable is None else cfg.separable
-        self.backbone = create_features(self.timm_name, cfg.output_stride)
+        self.tf_compat = cfg.tf_compat
+        self.backbone = create_features(
+            self.timm_name, cfg.output_stride, pad_type="same" if cfg.tf_compat else ""
+        )
         spec = feature_spec(self.backbone)
+        if cfg.tf_compat:  # TF DeepLab feeds (2 / 255) * pixel - 1: [0, 1] -> [-1, 1]
+            spec.mean, spec.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+            kind = next((k for k in TF_BACKBONE_EPS if k in self.timm_name), None)
+            if kind is not None:
+                set_bn_eps(self.backbone, TF_BACKBONE_EPS[kind])
         self.feature_strides = spec.reductions
         # Not saved in state dicts: they follow from the config, and files from timm or
         # torchvision would otherwise lack them.
@@ -165,6 +193,10 @@ class DeepLabV3(nn.Module):
             bias = torch.tensor(cfg.logit_bias, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("logit_bias", bias, persistent=False)
         init_head(self.aspp)
+        if cfg.tf_compat:
+            set_bn_eps(self.aspp, TF_HEAD_EPS)
+            if hasattr(self, "decoder"):
+                set_bn_eps(self.decoder, TF_HEAD_EPS)
         # Small logits at the start: no class is favoured before training.
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
@@ -188,7 +220,7 @@ class DeepLabV3(nn.Module):
             y = y + self.logit_bias
         # In fp32: under bf16 autocast the CPU's bilinear kernel is slower in bf16 (11%
         # of the whole forward pass at 480x360), and the loss wants fp32 logits anyway.
-        return upsample(y.float(), self.head_stride, size)
+        return resize(y.float(), self.head_stride, size, self.tf_compat)
 
 
 class DeepLabV3Plus(DeepLabV3):
@@ -207,10 +239,26 @@ class DeepLabV3Plus(DeepLabV3):
             self.separable,
             factor=cfg.output_stride // cfg.decoder_output_stride,
             convs=cfg.decoder_convs,
+            tf_compat=cfg.tf_compat,
         )
         self.head_stride = cfg.decoder_output_stride
+        self._pre_act: list[torch.Tensor] = []
+        if cfg.tf_compat and is_xception(self.timm_name):
+            self._tap_before_activation()
         init_head(self.decoder)
         return cfg.decoder_channels
 
+    def _tap_before_activation(self) -> None:
+        """TF DeepLab's xception decoder end point (entry_flow/block2/.../
+        separable_conv2_pointwise) is the tensor before the ReLU that timm's feature
+        tap follows: take the ReLU's input instead (and keep the ReLU from overwriting
+        it in place)."""
+        name = self.backbone.feature_info.module_name()[self.low_index]
+        act = self.backbone.get_submodule(name.replace("blocks.", "blocks_", 1))
+        act.inplace = False
+        act.register_forward_pre_hook(lambda _m, args: self._pre_act.append(args[0]))
+
     def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.decoder(x, features[self.low_index])
+        low = self._pre_act.pop() if self._pre_act else features[self.low_index]
+        self._pre_act.clear()
+        return self.decoder(x, low)

@@ -185,6 +185,17 @@ def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState 
     return None
 
 
+def _tf_arithmetic_for_tf_weights(cfg: Config) -> None:
+    """Weights trained in TF DeepLab keep its arithmetic (model.tf_compat): padding,
+    input scaling and resizes they were trained with."""
+    from segment_deeplab.models.tf_import import is_tf_checkpoint
+
+    init = cfg.model.init_checkpoint
+    if init and not cfg.model.tf_compat and is_tf_checkpoint(init):
+        cfg.model.tf_compat = True
+        print("model.tf_compat=true: the init checkpoint is TF DeepLab's, and so is its arithmetic")
+
+
 def _train_data(cfg: Config, spec: DatasetSpec, info: devices.DistInfo):
     """(epoch schedule, loader) of the train split: a seeded, resumable batch sampler
     over the folders, or the stream of a sharded dataset (data/stream.py)."""
@@ -208,6 +219,7 @@ def setup_run(
     resuming); the resolved config is written to `out`."""
     info = devices.setup(device)
     cfg.model.num_classes = spec.num_classes
+    _tf_arithmetic_for_tf_weights(cfg)
     tc = cfg.train
     class_pixels = spec.stats.get("class_pixels")
     if cfg.model.logit_bias is None:  # class weights' shift, taken out at inference

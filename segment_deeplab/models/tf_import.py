@@ -1,0 +1,328 @@
+"""TF DeepLab checkpoints as segment-deeplab models: variable names mapped, layouts
+converted, TF's arithmetic kept (`model.tf_compat`), without TensorFlow.
+
+The checkpoint is read by `tf_checkpoint.read_checkpoint` (TF's tensor-bundle format).
+TF DeepLab's variables (research/deeplab/model.py and core/xception.py, slim's
+mobilenet_v2) map to the model's modules:
+
+    xception_65/entry_flow/conv1_1              backbone.stem_0 (conv + BatchNorm)
+    xception_65/{entry,middle,exit}_flow/blockB/unit_U/xception_module/
+        separable_convJ_{depthwise,pointwise}   backbone.blocks_N.stack.convJ.{conv_dw,conv_pw}
+        shortcut                                backbone.blocks_N.shortcut
+    MobilenetV2/Conv, expanded_conv[_K]/{expand,depthwise,project}
+                                                backbone.conv_stem, backbone.blocks.S.I.*
+    aspp0, aspp{i}[_depthwise|_pointwise]       aspp.branches.{0,i}
+    image_pooling                               aspp.branches[-1]
+    concat_projection                           aspp.project (its input blocks reordered:
+                                                TF concatenates image pooling first)
+    decoder/feature_projection0                 decoder.project
+    decoder/decoder_conv{0,1}_*                 decoder.fuse.{0,1}
+    logits/semantic                             classifier
+
+Kernels go from TF's HWIO to PyTorch's OIHW (depthwise HW-C-1 to C-1-HW); batch norm
+takes gamma (1 when TF had scale=False), beta and the moving statistics; the epsilons
+are TF's (`tf_compat`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segment_deeplab.config import ModelConfig
+from segment_deeplab.models.backbones import ModelError
+
+# TF DeepLab's model_variant -> the scope its backbone variables live under
+BACKBONE_SCOPES = {
+    "xception_41": "xception_41",
+    "xception_65": "xception_65",
+    "xception_71": "xception_71",
+    "mobilenet_v2": "MobilenetV2",
+}
+# Xception: (flow, block) of each timm block, in order
+_XCEPTION_FLOWS = {
+    "xception_41": [("entry_flow", 1), ("entry_flow", 2), ("entry_flow", 3)]
+    + [("middle_flow", 1)] * 8
+    + [("exit_flow", 1), ("exit_flow", 2)],
+    "xception_65": [("entry_flow", 1), ("entry_flow", 2), ("entry_flow", 3)]
+    + [("middle_flow", 1)] * 16
+    + [("exit_flow", 1), ("exit_flow", 2)],
+}
+# timm mobilenetv2_100: blocks per stage (17 inverted residuals, the first without
+# expansion), as TF's expanded_conv, expanded_conv_1 ... expanded_conv_16
+_MOBILENET_V2_STAGES = [1, 2, 3, 4, 3, 3, 1]
+BN_KEYS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+           "moving_variance": "running_var"}  # fmt: skip
+
+
+@dataclass
+class ImportReport:
+    mapped: int = 0
+    left_in_tf: list[str] = field(default_factory=list)  # optimizer slots, global_step, ...
+    new_in_model: list[str] = field(default_factory=list)  # e.g. the head of an ImageNet file
+    head_is_new: bool = False
+
+
+def _xception_layers(variant: str) -> list[tuple[str, str, str]]:
+    """(TF scope, conv key, batch-norm prefix) of every conv of the backbone."""
+    scope = BACKBONE_SCOPES[variant]
+    out = [
+        (f"{scope}/entry_flow/conv1_1", "backbone.stem_0.conv", "backbone.stem_0.bn"),
+        (f"{scope}/entry_flow/conv1_2", "backbone.stem_1.conv", "backbone.stem_1.bn"),
+    ]
+    units: dict[tuple[str, int], int] = {}
+    for n, (flow, block) in enumerate(_XCEPTION_FLOWS[variant]):
+        units[(flow, block)] = units.get((flow, block), 0) + 1
+        tf = f"{scope}/{flow}/block{block}/unit_{units[(flow, block)]}/xception_module"
+        ours = f"backbone.blocks_{n}"
+        for j in (1, 2, 3):
+            for part, conv, bn in (
+                ("depthwise", "conv_dw", "bn_dw"),
+                ("pointwise", "conv_pw", "bn_pw"),
+            ):
+                out.append((f"{tf}/separable_conv{j}_{part}", f"{ours}.stack.conv{j}.{conv}",
+                            f"{ours}.stack.conv{j}.{bn}"))  # fmt: skip
+        out.append((f"{tf}/shortcut", f"{ours}.shortcut.conv", f"{ours}.shortcut.bn"))
+    return out
+
+
+def _mobilenet_v2_layers() -> list[tuple[str, str, str]]:
+    out = [("MobilenetV2/Conv", "backbone.conv_stem", "backbone.bn1")]
+    k = 0
+    for stage, count in enumerate(_MOBILENET_V2_STAGES):
+        for i in range(count):
+            tf = "MobilenetV2/expanded_conv" + (f"_{k}" if k else "")
+            ours = f"backbone.blocks.{stage}.{i}"
+            if k == 0:  # no expansion: depthwise, then project
+                out += [(f"{tf}/depthwise", f"{ours}.conv_dw", f"{ours}.bn1"),
+                        (f"{tf}/project", f"{ours}.conv_pw", f"{ours}.bn2")]  # fmt: skip
+            else:
+                out += [(f"{tf}/expand", f"{ours}.conv_pw", f"{ours}.bn1"),
+                        (f"{tf}/depthwise", f"{ours}.conv_dw", f"{ours}.bn2"),
+                        (f"{tf}/project", f"{ours}.conv_pwl", f"{ours}.bn3")]  # fmt: skip
+            k += 1
+    return out
+
+
+def _head_layers(rates: int, separable: bool, pooling: bool, decoder: bool) -> list:
+    out = [("aspp0", "aspp.branches.0.0", "aspp.branches.0.1")]
+    for i in range(1, rates + 1):
+        b = f"aspp.branches.{i}"
+        if separable:
+            out += [(f"aspp{i}_depthwise", f"{b}.0", f"{b}.1"),
+                    (f"aspp{i}_pointwise", f"{b}.3", f"{b}.4")]  # fmt: skip
+        else:
+            out.append((f"aspp{i}", f"{b}.0", f"{b}.1"))
+    if pooling:
+        b = f"aspp.branches.{rates + 1}.conv"
+        out.append(("image_pooling", f"{b}.0", f"{b}.1"))
+    out.append(("concat_projection", "aspp.project.0", "aspp.project.1"))
+    if decoder:
+        out.append(("decoder/feature_projection0", "decoder.project.0", "decoder.project.1"))
+        for j in (0, 1):
+            f = f"decoder.fuse.{j}"
+            if separable:
+                out += [(f"decoder/decoder_conv{j}_depthwise", f"{f}.0", f"{f}.1"),
+                        (f"decoder/decoder_conv{j}_pointwise", f"{f}.3", f"{f}.4")]  # fmt: skip
+            else:
+                out.append((f"decoder/decoder_conv{j}", f"{f}.0", f"{f}.1"))
+    return out
+
+
+def _kernel(tensors: dict, scope: str) -> np.ndarray | None:
+    if f"{scope}/depthwise_weights" in tensors:  # (H, W, C, 1) -> (C, 1, H, W)
+        w = tensors[f"{scope}/depthwise_weights"]
+        return w.reshape(w.shape[0], w.shape[1], -1, 1).transpose(2, 3, 0, 1)
+    if f"{scope}/weights" in tensors:  # (H, W, I, O) -> (O, I, H, W)
+        return tensors[f"{scope}/weights"].transpose(3, 2, 0, 1)
+    return None
+
+
+def model_config(tensors: dict, variant: str, num_classes: int | None, output_stride: int):
+    """The ModelConfig of the network a TF DeepLab checkpoint holds (its head read off
+    the variables present), with tf_compat on."""
+    if variant not in BACKBONE_SCOPES:
+        raise ModelError(
+            f"--model-variant {variant}: TF checkpoints import for {', '.join(BACKBONE_SCOPES)}"
+        )
+    scope = BACKBONE_SCOPES[variant]
+    if not any(k.startswith(scope + "/") for k in tensors):
+        found = sorted({k.split("/")[0] for k in tensors})[:8]
+        raise ModelError(
+            f"no {scope}/ variables in the checkpoint (it holds {', '.join(found)}); give "
+            "the --model-variant it was trained with"
+        )
+    separable = "aspp1_depthwise/depthwise_weights" in tensors or (
+        "decoder/decoder_conv0_depthwise/depthwise_weights" in tensors
+    )
+    rates = sum(1 for i in (1, 2, 3) if f"aspp{i}_depthwise/depthwise_weights" in tensors
+                or f"aspp{i}/weights" in tensors)  # fmt: skip
+    has_logits = "logits/semantic/weights" in tensors
+    if has_logits:
+        found = int(tensors["logits/semantic/weights"].shape[-1])
+        if num_classes is not None and num_classes != found:
+            raise ModelError(
+                f"the checkpoint's logits have {found} classes, not --num-classes "
+                f"{num_classes}; leave --num-classes out, or give {found}"
+            )
+        num_classes = found
+    if num_classes is None:
+        raise ModelError("the checkpoint has no logits (a backbone only): give --num-classes N")
+    has_head = "aspp0/weights" in tensors
+    decoder = "decoder/feature_projection0/weights" in tensors or (
+        not has_head and variant.startswith("xception")
+    )
+    base = [6, 12, 18]
+    return ModelConfig(
+        model_variant=variant,
+        num_classes=num_classes,
+        output_stride=output_stride,
+        atrous_rates=[r * 16 // output_stride for r in base[:rates]] if has_head else None,
+        decoder_output_stride=4 if decoder else None,
+        image_pooling="image_pooling/weights" in tensors or not has_head,
+        separable=separable if has_head else None,
+        aspp_channels=int(tensors["aspp0/weights"].shape[-1]) if has_head else 256,
+        tf_compat=True,
+    )
+
+
+def convert(tensors: dict, model: torch.nn.Module, strict: bool = True) -> ImportReport:
+    """Copy the checkpoint's tensors into `model` (in place); what was used and not.
+
+    strict: a tensor whose shape differs from the model's is an error (`import-tf`);
+    otherwise it is left out (training from a TF checkpoint: a new head, other classes).
+    """
+    rates = len(model.atrous_rates)
+    cfg = model.cfg
+    if cfg.model_variant.startswith("xception"):
+        if cfg.model_variant not in _XCEPTION_FLOWS:
+            raise ModelError(f"{cfg.model_variant}: no variable map yet (xception_41, _65)")
+        layers = _xception_layers(cfg.model_variant)
+    else:
+        layers = _mobilenet_v2_layers()
+    layers += _head_layers(rates, bool(model.separable), cfg.image_pooling,
+                           hasattr(model, "decoder"))  # fmt: skip
+    state = model.state_dict()
+    used: set[str] = set()
+    filled: set[str] = set()
+    for scope, conv, bn in layers:
+        w = _kernel(tensors, scope)
+        if w is None or f"{conv}.weight" not in state:
+            continue
+        if scope == "concat_projection" and cfg.image_pooling:
+            w = _pooling_last(w, cfg.aspp_channels)
+        if not _put(state, f"{conv}.weight", w, scope, strict):
+            continue
+        filled.add(f"{conv}.weight")
+        used.update(k for k in (f"{scope}/weights", f"{scope}/depthwise_weights") if k in tensors)
+        for tf_key, key in BN_KEYS.items():
+            name = f"{scope}/BatchNorm/{tf_key}"
+            if name in tensors and _put(state, f"{bn}.{key}", tensors[name], name, strict):
+                used.add(name)
+                filled.add(f"{bn}.{key}")
+            elif tf_key == "gamma" and f"{bn}.weight" in state:  # slim's scale=False
+                state[f"{bn}.weight"].fill_(1.0)
+                filled.add(f"{bn}.weight")
+    for tf_key, key in (("weights", "weight"), ("biases", "bias")):
+        name = f"logits/semantic/{tf_key}"
+        if name in tensors:
+            w = tensors[name]
+            w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w
+            if _put(state, f"classifier.{key}", w, name, strict):
+                used.add(name)
+                filled.add(f"classifier.{key}")
+    model.load_state_dict(state)
+    report = ImportReport(mapped=len(used))
+    report.left_in_tf = sorted(k for k in tensors if k not in used)
+    report.new_in_model = sorted(
+        k for k in state if k not in filled and not k.endswith("num_batches_tracked")
+    )
+    report.head_is_new = "classifier.weight" not in filled
+    return report
+
+
+def _pooling_last(w: np.ndarray, depth: int) -> np.ndarray:
+    """concat_projection's input blocks from TF's order (image pooling, aspp0, aspp1..)
+    to the model's (aspp0, aspp1.., image pooling)."""
+    return np.concatenate([w[:, depth:], w[:, :depth]], axis=1)
+
+
+def _put(state: dict, key: str, value: np.ndarray, name: str, strict: bool) -> bool:
+    """Copy `value` into state[key]; False (or an error when `strict`) on other shapes."""
+    target = state[key]
+    value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    if tuple(value.shape) != tuple(target.shape):
+        if not strict:
+            return False
+        raise ModelError(
+            f"TF variable {name} has shape {tuple(value.shape)} (converted), the model's "
+            f"{key} {tuple(target.shape)}: the checkpoint holds another network; check "
+            "--model-variant and --output-stride"
+        )
+    target.copy_(value.to(target.dtype))
+    return True
+
+
+def is_tf_checkpoint(path: str | Path) -> bool:
+    """A TF V2 checkpoint: PREFIX.index (or its prefix, or a folder with `checkpoint`)."""
+    p = Path(path)
+    return (
+        p.name.endswith(".index")
+        or Path(f"{p}.index").is_file()
+        or (p.is_dir() and (p / "checkpoint").is_file())
+    )
+
+
+_SLOTS = re.compile(r"/(Momentum|Adam(_1)?|ExponentialMovingAverage|RMSProp(_1)?)$")
+
+
+def describe_left(names: list[str]) -> str:
+    """The TF tensors left out, summarised: optimizer slots, step counters, the rest."""
+    slots = [n for n in names if _SLOTS.search(n)]
+    steps = [n for n in names if n.endswith("global_step")]
+    rest = [n for n in names if n not in slots and n not in steps]
+    parts = []
+    if slots:
+        parts.append(f"{len(slots)} optimizer slots")
+    if steps:
+        parts.append("global_step")
+    if rest:
+        shown = ", ".join(rest[:5]) + (f" and {len(rest) - 5} more" if len(rest) > 5 else "")
+        parts.append(f"{len(rest)} others ({shown})")
+    return "; ".join(parts) or "none"
+
+
+def import_tf(
+    path: str | Path, variant: str, num_classes: int | None = None, output_stride: int = 16
+) -> tuple[torch.nn.Module, ImportReport]:
+    """The model of a TF DeepLab checkpoint, its weights in place (eval mode)."""
+    from segment_deeplab.models import build_model
+    from segment_deeplab.models.tf_checkpoint import read_checkpoint
+
+    tensors = read_checkpoint(path)
+    model = build_model(model_config(tensors, variant, num_classes, output_stride))
+    return model.eval(), convert(tensors, model, strict=True)
+
+
+def init_from_tf(model: torch.nn.Module, path: str | Path) -> ImportReport:
+    """Training's `--init-checkpoint CKPT.index`: whatever of the checkpoint fits the
+    model (the backbone; the head when its shapes agree)."""
+    from segment_deeplab.models.tf_checkpoint import read_checkpoint
+
+    return convert(read_checkpoint(path), model, strict=False)
+
+
+def summary(report: ImportReport) -> str:
+    """One paragraph for the user: what was mapped, left, and new."""
+    lines = [f"mapped {report.mapped} TF tensors"]
+    lines.append(f"left in the TF checkpoint: {describe_left(report.left_in_tf)}")
+    if report.new_in_model:
+        new = report.new_in_model
+        shown = ", ".join(new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
+        what = "the head is new (trained from scratch)" if report.head_is_new else "new"
+        lines.append(f"{what}: {len(new)} model tensors not in it ({shown})")
+    return "; ".join(lines)

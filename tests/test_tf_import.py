@@ -1,0 +1,105 @@
+"""`deeplab import-tf`: TF DeepLab checkpoints give TensorFlow's own logits.
+
+TensorFlow builds TF DeepLab's network (tests/tf_deeplab_reference.py, after
+research/deeplab's model code) with random weights, saves it with its own Saver and
+runs its forward pass on two images of different sizes, in a process of its own. The
+checkpoint is then imported without TensorFlow and run in PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SMALL, make_dataset
+
+from segment_deeplab.checkpoint import load_file, load_model
+from segment_deeplab.cli import main
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.slow,  # TensorFlow builds and runs xception_65: about two minutes
+    pytest.mark.skipif(
+        importlib.util.find_spec("tensorflow") is None,
+        reason="TensorFlow builds the reference network: pip install 'segment-deeplab[tf-tests]'",
+    ),
+]
+SCRIPT = Path(__file__).with_name("tf_deeplab_reference.py")
+CASES = {
+    "mobilenet_v2": ["--sizes", "33x49", "65x97"],
+    "xception_65": ["--sizes", "65x97", "129x161", "--decoder-output-stride", "4"],
+}
+
+
+@functools.cache
+def reference(variant: str, root: str) -> Path:
+    """TF's checkpoint and logits of `variant` (built once per session)."""
+    out = Path(root) / variant
+    cmd = [sys.executable, str(SCRIPT), str(out), "--variant", variant, "--num-classes", "5"]
+    subprocess.run([*cmd, "--output-stride", "16", *CASES[variant]], check=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tf_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tf"))
+
+
+def _logits(model, image: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return model(x).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("variant", list(CASES))
+def test_imported_checkpoint_gives_tensorflows_logits(variant, tf_root, tmp_path, capsys):
+    ref = reference(variant, tf_root)
+    out = tmp_path / "model.pt"
+    argv = ["import-tf", str(ref / "model.ckpt"), "--model-variant", variant, "--output", str(out)]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    names = [v["name"] for v in json.loads((ref / "variables.json").read_text())["variables"]]
+    assert f"mapped {len(names)} TF tensors" in said
+    model, cfg, _ = load_model(out)
+    assert cfg.model.tf_compat and cfg.model.num_classes == 5
+    data = np.load(ref / "reference.npz")
+    sizes = [k.removeprefix("image_") for k in data.files if k.startswith("image_")]
+    assert len(sizes) == 2
+    for size in sizes:
+        tf_logits, ours = data[f"logits_{size}"], _logits(model, data[f"image_{size}"])
+        rel = np.abs(ours - tf_logits).max() / np.abs(tf_logits).max()
+        agree = (ours.argmax(-1) == tf_logits.argmax(-1)).mean()
+        assert rel < 1e-3 and agree >= 0.999, (size, rel, agree)
+
+
+def test_training_starts_from_a_tf_checkpoint_and_keeps_tf_arithmetic(tf_root, tmp_path, capsys):
+    ref = reference("mobilenet_v2", tf_root)
+    data = make_dataset(tmp_path / "ds")  # 4 classes: the TF logits (5) make a new head
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--output", str(run), "--no-progress", "--steps", "1"]
+    argv += ["--init-checkpoint", str(ref / "model.ckpt.index"), *SMALL]
+    argv += ["model.model_variant=mobilenet_v2", "model.atrous_rates=[]", "model.aspp_channels=256"]
+    assert main([*argv, "model.decoder_output_stride=null", "data.batch_size=2"]) == 0
+    said = capsys.readouterr().out
+    assert "model.tf_compat=true" in said and "the head is new" in said
+    ck = load_file(run / "last.pt")
+    assert ck["config"]["model"]["tf_compat"] is True
+
+
+def test_wrong_variant_and_missing_files_are_named(tf_root, tmp_path, capsys):
+    ref = reference("mobilenet_v2", tf_root)
+    out = tmp_path / "m.pt"
+    argv = ["import-tf", str(ref / "model.ckpt"), "--model-variant", "xception_65"]
+    assert main([*argv, "--output", str(out)]) == 2
+    assert "no xception_65/ variables" in capsys.readouterr().err
+    missing = ["import-tf", str(tmp_path / "none.ckpt"), "--model-variant", "mobilenet_v2"]
+    assert main([*missing, "--output", str(out)]) == 2
+    assert "none.ckpt" in capsys.readouterr().err
+    assert not out.exists()

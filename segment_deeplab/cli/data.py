@@ -127,7 +127,8 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
         help="shards of at most SIZE bytes, e.g. 1GB, 500MB or 1GiB",
     )  # fmt: skip
     g.add_argument(
-        "--shard-format", choices=["webdataset", "tfrecord"],
+        "--shard-format",
+        "--format", choices=["webdataset", "tfrecord"],
         help="webdataset: tars of the image and mask files (default); tfrecord: TF "
         "DeepLab's build_data.py records",
     )  # fmt: skip

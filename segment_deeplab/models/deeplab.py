@@ -160,9 +160,10 @@ class DeepLabV3(nn.Module):
         )
         self.separable = is_xception(self.timm_name) if cfg.separable is None else cfg.separable
         self.tf_compat = cfg.tf_compat
-        self.backbone = create_features(
-            self.timm_name, cfg.output_stride, pad_type="same" if cfg.tf_compat else ""
-        )
+        # TF DeepLab pads mobilenet's strided convs SAME (more after than before on even
+        # sizes); xception and resnet pad them explicitly and evenly, as PyTorch does.
+        same = cfg.tf_compat and "mobilenet" in self.timm_name
+        self.backbone = create_features(self.timm_name, cfg.output_stride, pad_type="same" * same)
         spec = feature_spec(self.backbone)
         if cfg.tf_compat:  # TF DeepLab feeds (2 / 255) * pixel - 1: [0, 1] -> [-1, 1]
             spec.mean, spec.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -72,9 +72,11 @@ def _add_predict(sub) -> argparse.ArgumentParser:
         "predict",
         help="segment images: index PNGs (class colours) and overlays with a legend",
         description="For each image write STEM.png (class ids, P-mode, original size) and "
-        "STEM_overlay.jpg; unreadable inputs are reported and skipped (exit status 1).",
+        "STEM_overlay.jpg; for each video (.mp4 .mov .mkv .avi .webm) STEM_mask.mkv "
+        "(lossless class ids) and STEM_overlay.mp4 at its frame rate; unreadable inputs "
+        "are reported and skipped (exit status 1).",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, videos, folders or globs")
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -84,6 +86,11 @@ def _add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--save-probs", action="store_true", help="also STEM_probs.npy (float16, C x H x W)"
     )
+    p.add_argument(
+        "--frames", action="store_true",
+        help="videos: also STEM_frames/NNNNNN.png, the mask of each frame (besides "
+        "STEM_mask.mkv and STEM_overlay.mp4)",
+    )  # fmt: skip
     p.add_argument(
         "--overwrite", action="store_true",
         help="replace the files of an earlier prediction in --output (inputs are never "
@@ -116,11 +123,17 @@ def _cmd_predict(args) -> int:
         progress=not args.no_progress,
         amp=args.amp,
         runtime=args.runtime,
+        frames=args.frames,
     )
     if args.json:
         written = [str(p) for p in result.written]
         failed = [{"input": n, "reason": r} for n, r in result.failed]
         out = {"written": written, "failed": failed, "runtime": result.runtime}
+        out["videos"] = [
+            {"source": str(v.source), "mask": str(v.mask), "overlay": str(v.overlay),
+             "frames": v.written, "skipped": v.skipped, "fps": v.fps}
+            for v in result.videos
+        ]  # fmt: skip
         print(json.dumps(out, indent=2))
     else:
         print(result.runtime_note, file=sys.stderr)

@@ -28,7 +28,7 @@ from segment_deeplab.atomic import OutputError, check_writable_dir, refuse_input
 from segment_deeplab.checkpoint import load_any
 from segment_deeplab.classes import ClassInfo, colorize, overlay
 from segment_deeplab.data.decode import image_size, read_image
-from segment_deeplab.data.spec import IMAGE_EXTS
+from segment_deeplab.data.spec import IMAGE_EXTS, DatasetError
 from segment_deeplab.device import model_device, pick_device
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.runtimes import choose_runtime, probe_size
@@ -60,9 +60,11 @@ class PredictResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     runtime: str = "torch"  # the engine that ran the forward passes (`runtimes.Choice`)
     runtime_note: str = ""  # why it, and how fast each was on a probe image
+    videos: list = field(default_factory=list)  # infer.video.VideoResult per video
 
     def summary(self) -> str:
-        text = f"wrote {len(self.written)}, failed {len(self.failed)}"
+        text = "".join(f"{v.summary()}\n" for v in self.videos)
+        text += f"wrote {len(self.written)}, failed {len(self.failed)}"
         if self.failed:
             text += ": " + "; ".join(f"{name} ({why})" for name, why in self.failed)
         return text
@@ -74,26 +76,29 @@ def _reason(e: BaseException) -> str:
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand files, folders (their jpg/jpeg/png files) and globs, in order, once each.
+    """Expand files, folders (their images and videos) and globs, in order, once each.
 
     Returns:
         (image paths, [(input, reason)] for inputs that name nothing)
     """
+    from segment_deeplab.infer.video import VIDEO_EXTS
+
+    exts = (*IMAGE_EXTS, *VIDEO_EXTS)
     paths: list[Path] = []
     missing: list[tuple[str, str]] = []
     for item in map(str, inputs):
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in exts)
             if not found:
-                missing.append((item, f"no {'/'.join(IMAGE_EXTS)} files in this folder"))
+                missing.append((item, f"no {'/'.join(exts)} files in this folder"))
         elif p.is_file():
             found = [p]
         elif any(ch in item for ch in "*?["):
             found = [Path(f) for f in sorted(glob.glob(item, recursive=True))]
-            found = [f for f in found if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+            found = [f for f in found if f.is_file() and f.suffix.lower() in exts]
             if not found:
-                missing.append((item, "no image files match"))
+                missing.append((item, "no image or video files match"))
         else:
             missing.append((item, "not found"))
             found = []
@@ -212,9 +217,9 @@ def output_files(out: Path, stem: str, save_probs: bool) -> list[Path]:
     return [out / n for n in names]
 
 
-def _check_outputs(out: Path, stems: list[str], paths: list[Path], save_probs, overwrite):
-    """Inputs are never written over; earlier outputs only when asked to (`overwrite`)."""
-    planned = [f for stem in stems for f in output_files(out, stem, save_probs)]
+def check_outputs(out: Path, planned: list[Path], paths: list[Path], overwrite: bool) -> None:
+    """Inputs are never written over; earlier outputs only when asked to (`overwrite`),
+    and only in a folder `deeplab predict` wrote."""
     refuse_inputs(planned, paths)
     there = [f for f in planned if f.exists()]
     if there and overwrite and not (out / PREDICTIONS_MARK).is_file():
@@ -228,6 +233,14 @@ def _check_outputs(out: Path, stems: list[str], paths: list[Path], save_probs, o
             ": an earlier prediction is never replaced silently; give another --output, or "
             "--overwrite to replace earlier predictions"
         )
+
+
+def _split_videos(paths: list[Path]) -> tuple[list[int], list[int]]:
+    """(indices of images, indices of videos) among the inputs."""
+    from segment_deeplab.infer.video import is_video
+
+    videos = [i for i, p in enumerate(paths) if is_video(p)]
+    return [i for i in range(len(paths)) if i not in set(videos)], videos
 
 
 def write_prediction(
@@ -267,8 +280,10 @@ def predict(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     runtime: str = "auto",
+    frames: bool = False,
 ) -> PredictResult:
-    """Predict every input image and write its mask, overlay (and probabilities).
+    """Predict every input image and video and write its mask, overlay (and
+    probabilities); a video gets a mask video and an overlay video (`infer.video`).
 
     Args:
         model: in eval mode on its device (see `fold.for_inference`).
@@ -281,17 +296,28 @@ def predict(
         runtime: the engine for a checkpoint's forward pass on the CPU: auto (the fastest
             that agrees with PyTorch on this machine, see `infer.runtimes`), torch,
             onnxruntime or openvino.
+        frames: for videos, also a P-mode PNG mask per frame.
 
     Raises:
         OutputError: `output` cannot be written, or would be written over an input or,
             without `overwrite`, over an earlier prediction. Nothing is written then.
     """
+    from segment_deeplab.infer import video
+
     out = check_writable_dir(output)
     paths, failed = collect_inputs(inputs)
     stems = output_stems(paths)
-    _check_outputs(out, stems, paths, save_probs, overwrite)
+    images, videos = _split_videos(paths)
+    if videos:
+        try:
+            video.require_av()
+        except ImportError as e:
+            raise OutputError(f"{paths[videos[0]]}: {e}") from None
+    planned = [f for i in images for f in output_files(out, stems[i], save_probs)]
+    planned += [f for i in videos for f in video.video_output_files(out, stems[i], frames)]
+    check_outputs(out, planned, paths, overwrite)
     # Before anything is written: a runtime that cannot be had is refused with no trace.
-    probe = probe_size(paths[0]) if paths else None
+    probe = probe_size(paths[images[0]]) if images else None
     choice = choose_runtime(model, model_device(model), dtype, runtime, probe, len(paths), progress)
     model, dtype = choice.model, dtype if choice.dtype_applies else None
     out.mkdir(parents=True, exist_ok=True)
@@ -299,19 +325,32 @@ def predict(
     result = PredictResult(
         failed=list(failed), runtime=choice.runtime, runtime_note=choice.describe()
     )
-    bar = tqdm(total=len(paths), desc="predict", file=sys.stderr, disable=not progress)
-    for p in predict_groups(model, paths, batch_size, tta, dtype):
-        name = paths[p.index].name
+    bar = tqdm(total=len(images), desc="predict", file=sys.stderr, disable=not progress)
+    image_paths = [paths[i] for i in images]
+    for p in predict_groups(model, image_paths, batch_size, tta, dtype):
+        i = images[p.index]
         if p.error is not None:
-            result.failed.append((name, _reason(p.error)))
+            result.failed.append((paths[i].name, _reason(p.error)))
         else:
             try:
-                args = (out, stems[p.index], p.image, p.probs, classes, ignore_index)
+                args = (out, stems[i], p.image, p.probs, classes, ignore_index)
                 result.written.append(write_prediction(*args, save_probs))
             except OSError as e:  # disk full, permissions: report, keep going
-                result.failed.append((name, _reason(e)))
+                result.failed.append((paths[i].name, _reason(e)))
         bar.update(1)
     bar.close()
+    for i in videos:
+        try:
+            done = video.predict_video(
+                model, paths[i], out, classes, ignore_index, tta=tta, dtype=dtype,
+                batch_size=max(batch_size, 8), frames=frames, stem=stems[i],
+                progress=progress, overwrite=overwrite,
+            )  # fmt: skip
+        except (DatasetError, OSError) as e:
+            result.failed.append((paths[i].name, _reason(e)))
+            continue
+        result.videos.append(done)
+        result.written.append(done.mask)
     return result
 
 

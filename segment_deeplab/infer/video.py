@@ -20,6 +20,7 @@ autocast and the chosen runtime apply alike. PyAV is optional: `pip install
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -35,10 +36,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from segment_deeplab.atomic import OutputError, check_writable_dir, refuse_inputs, staged
+from segment_deeplab.atomic import check_writable_dir, staged
 from segment_deeplab.classes import ClassInfo, colorize, legend, overlay, to_dicts
 from segment_deeplab.data.spec import DatasetError
-from segment_deeplab.infer.predict import PREDICTIONS_MARK, _reason, predict_groups
+from segment_deeplab.infer.predict import PREDICTIONS_MARK, Predicted, _reason, predict_groups
 from segment_deeplab.infer.tta import PLAIN, TTA, labels
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -94,8 +95,9 @@ class VideoResult:
         return text + f" in {self.seconds:.1f} s ({rate:.1f} frames/s)"
 
 
-def _av() -> Any:
-    """The `av` module, or an ImportError that says how to install it."""
+def require_av() -> Any:
+    """The `av` module, or an ImportError that says how to install it (`predict` calls
+    it before any work when videos are among its inputs)."""
     try:
         import av
     except ImportError as e:
@@ -104,20 +106,9 @@ def _av() -> Any:
 
 
 def _check_outputs(out: Path, planned: list[Path], source: Path, overwrite: bool) -> None:
-    """As `predict._check_outputs`: never over the input; earlier outputs only with
-    `overwrite`, and only in a folder `deeplab predict` wrote."""
-    refuse_inputs(planned, [source])
-    there = [f for f in planned if f.exists()]
-    if there and overwrite and not (out / PREDICTIONS_MARK).is_file():
-        raise OutputError(
-            f"{there[0]} exists, and {out} is not a folder `deeplab predict` wrote (no "
-            f"{PREDICTIONS_MARK}): --overwrite replaces earlier predictions only"
-        )
-    if there and not overwrite:
-        raise OutputError(
-            f"{there[0]} already exists: an earlier prediction is never replaced silently; "
-            "give another --output, or --overwrite to replace earlier predictions"
-        )
+    from segment_deeplab.infer.predict import check_outputs
+
+    check_outputs(out, planned, [source], overwrite)
 
 
 def _open_source(av: Any, path: Path) -> tuple[Any, Any]:
@@ -128,8 +119,8 @@ def _open_source(av: Any, path: Path) -> tuple[Any, Any]:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise DatasetError(
-            f"{path} is not a video FFmpeg can read ({_reason(e)}); give an .mp4, .mov, .mkv, "
-            ".avi, .webm or .m4v file, or an image"
+            f"{path} is not a video FFmpeg can read ({_av_reason(e)}); give a video file "
+            f"({', '.join(VIDEO_EXTS)})"
         ) from e
     if not container.streams.video:
         container.close()
@@ -154,12 +145,17 @@ def _decoded(av: Any, container: Any, stream: Any, result: VideoResult) -> Itera
         except StopIteration:
             return
         except av.FFmpegError as e:  # damaged container: nothing after this can be found
-            _problem(result, f"container: {_reason(e)}")
+            _problem(result, f"container: {_av_reason(e)}")
             return
         try:
             yield from packet.decode()  # the last, empty packet flushes the decoder
         except av.FFmpegError as e:  # InvalidDataError and kin: this packet only
-            _problem(result, f"frame at {_seconds(packet)}: {_reason(e)}")
+            _problem(result, f"frame near {_seconds(packet)}: {_av_reason(e)}")
+
+
+def _av_reason(e: Exception) -> str:
+    """FFmpeg's words for an error, without PyAV's errno and call name."""
+    return f"{type(e).__name__}: {e.strerror}" if getattr(e, "strerror", None) else _reason(e)
 
 
 def _problem(result: VideoResult, why: str) -> None:
@@ -174,13 +170,7 @@ def _seconds(packet: Any) -> str:
 
 
 def _batches(frames: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for f in frames:
-        batch.append(f)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    while batch := list(itertools.islice(frames, size)):
         yield batch
 
 
@@ -192,9 +182,8 @@ def _to_tensor(frame: Any) -> torch.Tensor:
 def _overlay_codec(av: Any) -> str:
     for name in OVERLAY_CODECS:
         try:
-            av.Codec(name, "w")
-            return name
-        except Exception:  # UnknownCodecError: not in this FFmpeg build
+            return av.Codec(name, "w").name
+        except ValueError:  # UnknownCodecError: not in this FFmpeg build
             continue
     raise ImportError(f"this PyAV build has none of the encoders {OVERLAY_CODECS}")
 
@@ -203,7 +192,6 @@ class _Writer:
     """One output video: frames in, packets muxed, time stamps those of the source."""
 
     def __init__(self, av: Any, path: Path, fmt: str, codec: str, src: Any, size, pix_fmt: str):
-        self.av, self.path = av, path
         opts = {"movflags": "+faststart"} if fmt == "mp4" else {}
         self.container = av.open(str(path), "w", format=fmt, options=opts)
         rate = _frame_rate(src)
@@ -298,11 +286,14 @@ def predict_video(
 
     Raises:
         ImportError: PyAV is not installed (the message says how to install it).
+        ValueError: more than 256 classes (the mask video is 8-bit).
         DatasetError: `path` is no video, or not one frame of it decodes.
         OutputError: an output would replace the input or, without `overwrite`, an
             earlier prediction. Nothing is written then.
     """
-    av = _av()
+    av = require_av()
+    if len(classes) > 256:
+        raise ValueError(f"the mask video holds 8-bit class ids; {len(classes)} classes do not fit")
     path, out = Path(path), check_writable_dir(output)
     stem = stem or path.stem
     planned = video_output_files(out, stem, frames)
@@ -313,16 +304,14 @@ def predict_video(
     result.fps, result.expected = float(_frame_rate(src)), src.frames or None
     out.mkdir(parents=True, exist_ok=True)
     (out / PREDICTIONS_MARK).touch()
-    if frames:
-        planned[2].mkdir(exist_ok=True)
     bar = tqdm(
         total=result.expected, desc=path.name, unit="frame", file=sys.stderr, disable=not progress
     )
     try:
+        predicted = _predictions(av, model, container, src, result, tta, dtype, batch_size, bar)
         # Written beside their names and renamed when whole: a failure leaves no half video.
         with staged(result.mask) as mask_tmp, staged(result.overlay) as overlay_tmp:
-            _run(av, model, container, src, result, (mask_tmp, overlay_tmp), classes,
-                 ignore_index, tta, dtype, batch_size, bar)  # fmt: skip
+            _write(av, predicted, (mask_tmp, overlay_tmp), src, result, classes, ignore_index)
     finally:
         bar.close()
         container.close()
@@ -334,34 +323,51 @@ def predict_video(
     return result
 
 
-def _run(av, model, container, src, result, tmps, classes, ignore_index, tta, dtype, size, bar):
-    """Decode, predict and write every frame into the (temporary) files `tmps`."""
-    panel = _legend_panel(classes, src.height)
+def _predictions(av, model, container, src, result, tta, dtype, batch_size, bar):
+    """(source pts, uint8 (3, H, W) frame, uint8 (H, W) class ids) of every frame that
+    decodes, in order; frames the model could not take (out of memory) are counted."""
+    batch_size = max(1, batch_size)
+    for batch in _batches(_decoded(av, container, src, result), batch_size):
+        images = [_to_tensor(f) for f in batch]
+        # In order (`predict_groups` groups by size, and a stream may change size).
+        done = sorted(predict_groups(model, images, batch_size, tta, dtype), key=_index)
+        for p in done:
+            if p.error is not None:
+                _problem(result, f"frame {result.written + result.skipped}: {_reason(p.error)}")
+                continue
+            yield (
+                batch[p.index].pts,
+                p.image,
+                labels(p.probs[None])[0].to(torch.uint8).cpu().numpy(),
+            )
+        bar.update(len(batch))
+
+
+def _index(p: Predicted) -> int:
+    return p.index
+
+
+def _write(av, predicted, tmps, src, result, classes, ignore_index) -> None:
+    """Mask and overlay videos into the (temporary) files `tmps`, and the PNGs."""
+    panel = None
     meta = json.dumps({"classes": to_dicts(classes), "ignore_index": ignore_index})
     writers: list[_Writer] = []
     try:
-        for batch in _batches(_decoded(av, container, src, result), max(1, size)):
-            images = [_to_tensor(f) for f in batch]
-            predicted = sorted(predict_groups(model, images, size, tta, dtype), key=lambda p: p.index)
-            for p in predicted:
-                if p.error is not None:  # out of memory: this frame only
-                    _problem(result, f"frame {result.written + result.skipped}: {_reason(p.error)}")
-                    continue
-                pred = labels(p.probs[None])[0].to(torch.uint8).cpu().numpy()  # (H, W)
-                if writers and pred.shape[::-1] != writers[0].size:  # a video's size is fixed
-                    _problem(result, f"frame {result.written + result.skipped}: size changed")
-                    continue
-                picture = _overlay_frame(p.image, pred, classes, ignore_index, panel)
-                if not writers:  # sizes are known with the first frame
-                    writers = _open_writers(av, tmps, src, pred.shape, picture.size, meta)
-                pts = batch[p.index].pts
-                writers[0].write(av.VideoFrame.from_ndarray(pred, format="gray"), pts)
-                writers[1].write(av.VideoFrame.from_image(picture), pts)
-                if result.frames_dir is not None:
-                    png = result.frames_dir / f"{result.written:06d}.png"
-                    _write_png(png, pred, classes, ignore_index)
-                result.written += 1
-            bar.update(len(batch))
+        for pts, image, pred in predicted:
+            if writers and pred.shape[::-1] != writers[0].size:  # a video's size is fixed
+                _problem(result, f"frame {result.written + result.skipped}: size changed")
+                continue
+            if not writers:  # the sizes are known with the first frame
+                panel = _legend_panel(classes, pred.shape[0])
+            picture = _overlay_frame(image, pred, classes, ignore_index, panel)
+            if not writers:
+                writers = _open_writers(av, tmps, src, pred.shape, picture.size, meta)
+            writers[0].write(av.VideoFrame.from_ndarray(pred, format="gray"), pts)
+            writers[1].write(av.VideoFrame.from_image(picture), pts)
+            if result.frames_dir is not None:
+                png = result.frames_dir / f"{result.written:06d}.png"
+                _write_png(png, pred, classes, ignore_index)
+            result.written += 1
         if not result.written:
             why = f": {result.problems[0]}" if result.problems else ""
             raise DatasetError(f"{result.source}: not one frame could be decoded{why}")

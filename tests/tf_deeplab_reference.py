@@ -17,12 +17,15 @@ the inner tensors `logits_os_HxW` (before that resize), `features_HxW` (backbone
 `aspp_HxW` (concat_projection output) and, with a decoder, `low_level_HxW` (the decoder's
 end point) and `decoder_HxW` (decoder_conv1 output), all NHWC float32.
 
-The random weights are seeded. Kernels are He-normal; batch norm gamma ~ U(0.5, 1.5) and beta
-~ N(0, 0.2). The moving statistics are calibrated on the reference images themselves, so that
-their activations stay near unit scale through all 65 layers: a second copy of the graph whose
-batch norms use batch statistics (`Net.calibration_moments`) is run on each image, and each
-moving mean/variance is set to that layer's statistics pooled over the images, slightly
-jittered (mean + 0.1 std N(0, 1), variance * exp(U(-0.2, 0.2))).
+The random weights are seeded: kernels He-normal, biases ~ N(0, 0.1), and batch norm gamma ~
+U(0.5, 1.5), beta ~ N(0, 0.2), moving mean ~ N(0, 0.1) and moving variance ~ U(0.5, 1.5), the
+last two then scaled per layer so that activations stay near unit scale through the network
+(xception_65's 65 layers and residual sums included): a second copy of the graph, whose batch
+norms use the layer input's mean square q (over the reference images, one value per layer) as
+moving_mean * sqrt(q) and moving_variance * q, is run first, and those become the saved moving
+statistics. A per-layer scalar (rather than per-channel batch statistics) keeps the random
+network well conditioned: a small change of the input changes the output by about as much, not
+more, so the rounding differences of another framework stay small.
 
 Inputs are fed as DeepLab feeds them: float 0..255, batch 1, any size (crop_size = None: image
 pooling is a global mean and the decoder and logit sizes follow the input). With DeepLab's
@@ -107,63 +110,51 @@ class Net:
         self.rng = np.random.default_rng(seed)
         self.values: dict[str, np.ndarray] = {}  # variable name -> value, in creation order
         self.variables: dict[str, tf1.Variable] = {}
-        self.calibrating = False  # batch norm with batch statistics (the calibration copy)
-        self.bn_stats: list = []  # (moving_mean, moving_variance, batch_mean, batch_var)
+        self.calibrating = False  # building the calibration copy (see the module doc)
+        self.bn_stats: list = []  # (moving_mean, moving_variance, mean square of input)
         self.end_points: dict[str, tf.Tensor] = {}
 
-    def var(self, name, shape, kind):
+    def var(self, name, shape):
         v = tf1.get_variable(name, shape, tf.float32, tf1.zeros_initializer())
         if v.op.name not in self.values:
             self.variables[v.op.name] = v
-            self.values[v.op.name] = self._draw(kind, shape).astype(np.float32)
+            self.values[v.op.name] = self._draw(name, shape).astype(np.float32)
         return v
 
-    def _draw(self, kind, shape):
+    def _draw(self, name, shape):
         r = self.rng
-        if kind == "weights":  # [kh, kw, in, out]; He-normal
+        if name == "weights":  # [kh, kw, in, out]; He-normal
             return r.normal(0.0, np.sqrt(2.0 / np.prod(shape[:3])), shape)
-        if kind == "depthwise_weights":  # [kh, kw, in, 1]: fan-in kh * kw
+        if name == "depthwise_weights":  # [kh, kw, in, 1]: fan-in kh * kw
             return r.normal(0.0, np.sqrt(2.0 / np.prod(shape[:2])), shape)
-        if kind in ("gamma", "moving_variance"):
+        if name in ("gamma", "moving_variance"):
             return r.uniform(0.5, 1.5, shape)
-        return r.normal(0.0, {"beta": 0.2, "moving_mean": 0.1, "biases": 0.1}[kind], shape)
-
-    def scope_name(self, name):
-        base = tf1.get_variable_scope().name
-        return f"{base}/{name}" if base else name
+        return r.normal(0.0, {"beta": 0.2, "moving_mean": 0.1, "biases": 0.1}[name], shape)
 
     def batch_norm(self, x, eps):
         """slim.batch_norm(scale=True, center=True), is_training=False."""
         c = x.shape[-1]
         with tf1.variable_scope("BatchNorm"):
-            beta, gamma = self.var("beta", [c], "beta"), self.var("gamma", [c], "gamma")
-            mean = self.var("moving_mean", [c], "moving_mean")
-            variance = self.var("moving_variance", [c], "moving_variance")
-        if self.calibrating:
-            m, v = self.calibration_moments(x)
-            self.bn_stats.append((mean, variance, m, v))
-            return tf.nn.batch_normalization(x, m, v, beta, gamma, eps)
+            beta, gamma = self.var("beta", [c]), self.var("gamma", [c])
+            mean = self.var("moving_mean", [c])
+            variance = self.var("moving_variance", [c])
+        if self.calibrating:  # the layer's mean square scales the drawn moving statistics
+            q = tf.reduce_mean(tf.square(x))
+            self.bn_stats.append((mean, variance, q))
+            return tf.nn.batch_normalization(x, mean * tf.sqrt(q), variance * q, beta, gamma, eps)
         y, _, _ = tf1.nn.fused_batch_norm(x, gamma, beta, mean, variance, eps, is_training=False)
         return y
-
-    def calibration_moments(self, x):
-        """The batch moments, except for the image-pooling conv, which sees one value per
-        image: mean 0 and the layer's mean square."""
-        if tf1.get_variable_scope().name == "image_pooling":
-            q = tf.reduce_mean(tf.square(x))
-            return tf.zeros_like(x[0, 0, 0]), tf.fill(tf.shape(x)[-1:], q)
-        return tf.nn.moments(x, [0, 1, 2])
 
     def conv2d(self, x, filters, k, scope, stride=1, rate=1, padding="SAME", eps=None,
                act=tf.nn.relu, bias=False):  # fmt: skip
         """slim.conv2d: `weights` [k, k, in, out], then BatchNorm (no biases) or biases."""
         with tf1.variable_scope(scope):
-            w = self.var("weights", [k, k, x.shape[-1], filters], "weights")
+            w = self.var("weights", [k, k, x.shape[-1], filters])
             y = tf.nn.convolution(x, w, strides=stride, padding=padding, dilations=rate)
             if eps is not None:
                 y = self.batch_norm(y, eps)
             elif bias:
-                y = tf.nn.bias_add(y, self.var("biases", [filters], "biases"))
+                y = tf.nn.bias_add(y, self.var("biases", [filters]))
             y = act(y) if act else y
             self.end_points[tf1.get_variable_scope().name] = y
             return y
@@ -171,7 +162,7 @@ class Net:
     def depthwise(self, x, scope, stride=1, rate=1, padding="SAME", eps=None, act=tf.nn.relu):
         """slim.separable_conv2d(num_outputs=None, depth_multiplier=1): `depthwise_weights`."""
         with tf1.variable_scope(scope):
-            w = self.var("depthwise_weights", [3, 3, x.shape[-1], 1], "depthwise_weights")
+            w = self.var("depthwise_weights", [3, 3, x.shape[-1], 1])
             s = [1, stride, stride, 1]
             y = tf1.nn.depthwise_conv2d(x, w, s, padding, rate=[rate, rate])
             y = self.batch_norm(y, eps)
@@ -294,7 +285,7 @@ def main(argv=None):
     p.add_argument("out_dir", type=Path)
     p.add_argument("--variant", choices=sorted(DECODER_END_POINTS), default="xception_65")
     p.add_argument("--num-classes", type=int, default=5)
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], default=16)
+    p.add_argument("--output-stride", type=int, choices=[8, 16], default=16)
     p.add_argument("--sizes", nargs="+", default=["65x97", "129x161"], help="HxW ...")
     p.add_argument(
         "--decoder-output-stride",
@@ -309,11 +300,13 @@ def main(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)  # fmt: skip
+    args = p.parse_args(argv)
 
     xception = args.variant == "xception_65"
     dos = args.decoder_output_stride or ("4" if xception else "none")
     dos = None if dos.lower() == "none" else int(dos)
+    if dos not in (None, 4, 8, 16):
+        p.error("--decoder-output-stride: 4, 8, 16 or none")
     rates = args.atrous_rates
     if rates is None:
         rates = "none" if not xception else ("12,24,36" if args.output_stride == 8 else "6,12,18")
@@ -344,16 +337,13 @@ def main(argv=None):
     with tf1.Session(config=session_config) as sess:
         feed = {v.initial_value: net.values[n] for n, v in net.variables.items()}
         sess.run(tf1.global_variables_initializer(), feed)
-        batch_stats = [s[2:] for s in net.bn_stats]
-        runs = [sess.run(batch_stats, {calib_in: image}) for image in inputs.values()]
-        for i, (mean_var, var_var, _, _) in enumerate(net.bn_stats):
-            means, variances = np.array([r[i][0] for r in runs]), np.array([r[i][1] for r in runs])
-            m = means.mean(0)  # pooled over the images
-            v = np.maximum((variances + means**2).mean(0) - m**2, 1e-6)
-            net.values[mean_var.op.name] = m + 0.1 * np.sqrt(v) * rng.normal(size=m.shape)
-            net.values[var_var.op.name] = v * np.exp(rng.uniform(-0.2, 0.2, v.shape))
-            mean_var.load(net.values[mean_var.op.name].astype(np.float32), sess)
-            var_var.load(net.values[var_var.op.name].astype(np.float32), sess)
+        mean_squares = [q for _, _, q in net.bn_stats]
+        runs = [sess.run(mean_squares, {calib_in: im.astype(np.float32)}) for im in inputs.values()]
+        for (mean, variance, _), q in zip(net.bn_stats, np.mean(runs, 0), strict=True):
+            net.values[mean.op.name] = net.values[mean.op.name] * np.float32(np.sqrt(q))
+            net.values[variance.op.name] = net.values[variance.op.name] * np.float32(q)
+            mean.load(net.values[mean.op.name], sess)
+            variance.load(net.values[variance.op.name], sess)
 
         args.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = str(args.out_dir / "model.ckpt")

@@ -13,7 +13,7 @@ import os
 import sys
 
 from segment_deeplab import __version__
-from segment_deeplab.cli import data, export, inference, train
+from segment_deeplab.cli import data, export, inference, serve, train
 from segment_deeplab.cli.common import UserError
 
 __all__ = ["UserError", "build_parser", "main"]
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (data, train, inference, export):
+    for module in (data, train, inference, export, serve):
         module.register(sub)
     return parser
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
@@ -96,7 +96,9 @@ def create_app(
         yield
         await batcher.stop()
 
-    app = FastAPI(title="segment-deeplab", summary="DeepLab semantic segmentation", lifespan=lifespan)
+    app = FastAPI(
+        title="segment-deeplab", summary="DeepLab semantic segmentation", lifespan=lifespan
+    )
     app.state.segmenter, app.state.batcher = segmenter, batcher
     classes = to_dicts(segmenter.classes)
 
@@ -121,7 +123,7 @@ def create_app(
         }  # fmt: skip
 
     @app.post("/predict", openapi_extra=UPLOAD_DOC)
-    async def predict(request: Request, output: Output = Query("mask")) -> Response:
+    async def predict(request: Request, output: Output = "mask") -> Response:
         """Segment one image: `mask` (P-mode PNG of class ids), `json` (pixels and share of
         each class, image size, timing) or `overlay` (JPEG with a legend)."""
         t0 = time.perf_counter()
@@ -134,7 +136,8 @@ def create_app(
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from e
         ids = answer.result
         if output == "mask":
-            return Response(await asyncio.to_thread(mask_png, segmenter, ids), media_type="image/png")
+            png = await asyncio.to_thread(mask_png, segmenter, ids)
+            return Response(png, media_type="image/png")
         if output == "overlay":
             jpeg = await asyncio.to_thread(overlay_jpeg, segmenter, image, ids)
             return Response(jpeg, media_type="image/jpeg")
@@ -152,7 +155,9 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
     them in errors. Raises HTTPException 413 past `max_bytes`, 400 for a form without `file`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        await _drain(request.receive)
+        # A client waiting for "100 Continue" (curl, for large bodies) sends nothing more.
+        if request.headers.get("expect", "").lower() != "100-continue":
+            await _drain(request.receive)
         raise HTTPException(413, _too_large(int(declared), max_bytes))
     seen = 0
 
@@ -168,7 +173,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await _form_file(limited)
-        return await limited.body(), "the request body"
+        return await limited.body(), "upload"
     except _TooLarge:
         await _drain(request.receive)
         raise HTTPException(413, _too_large(seen, max_bytes, more=True)) from None
@@ -179,7 +184,7 @@ async def _form_file(request: Request) -> tuple[bytes, str]:
         file = form.get("file")
         if file is None or isinstance(file, str):
             raise HTTPException(400, "the multipart form needs the image in a file field `file`")
-        return await file.read(), f"upload {file.filename or 'file'}"
+        return await file.read(), repr(file.filename or "upload")
 
 
 async def _drain(receive) -> None:
@@ -207,9 +212,12 @@ def decode(data: bytes, where: str, max_pixels: int):
     """uint8 (3, H, W) RGB of uploaded bytes; HTTPException 413 for a picture over
     `max_pixels` (checked in the header first, before decoding), 400 for bytes that are
     no readable image."""
-    with contextlib.suppress(Exception):  # no header PIL knows: the decoder says why
-        with Image.open(io.BytesIO(data)) as im:
-            _check_pixels(*im.size, max_pixels)
+    size = None
+    # No header PIL knows: the decoder below says why.
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as im:
+        size = im.size
+    if size is not None:
+        _check_pixels(*size, max_pixels)
     try:
         image = decode_rgb(data, where)
     except DatasetError as e:

@@ -175,8 +175,10 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
             return await _form_file(limited)
         return await limited.body(), "upload"
     except _TooLarge:
-        await _drain(request.receive)
-        raise HTTPException(413, _too_large(seen, max_bytes, more=True)) from None
+        # A body of no stated length could go on for ever: answer, and close the
+        # connection rather than read the rest (draining it raced the client's writes).
+        detail = _too_large(seen, max_bytes, more=True)
+        raise HTTPException(413, detail, headers={"Connection": "close"}) from None
 
 
 async def _form_file(request: Request) -> tuple[bytes, str]:

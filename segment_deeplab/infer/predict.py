@@ -61,9 +61,10 @@ class PredictResult:
     runtime: str = "torch"  # the engine that ran the forward passes (`runtimes.Choice`)
     runtime_note: str = ""  # why it, and how fast each was on a probe image
     videos: list = field(default_factory=list)  # infer.video.VideoResult per video
+    large: list = field(default_factory=list)  # infer.large.LargeResult per large image
 
     def summary(self) -> str:
-        text = "".join(f"{v.summary()}\n" for v in self.videos)
+        text = "".join(f"{v.summary()}\n" for v in [*self.videos, *self.large])
         text += f"wrote {len(self.written)}, failed {len(self.failed)}"
         if self.failed:
             text += ": " + "; ".join(f"{name} ({why})" for name, why in self.failed)
@@ -81,9 +82,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple
     Returns:
         (image paths, [(input, reason)] for inputs that name nothing)
     """
+    from segment_deeplab.infer.large import TIFF_EXTS
     from segment_deeplab.infer.video import VIDEO_EXTS
 
-    exts = (*IMAGE_EXTS, *VIDEO_EXTS)
+    exts = (*IMAGE_EXTS, *VIDEO_EXTS, *TIFF_EXTS)
     paths: list[Path] = []
     missing: list[tuple[str, str]] = []
     for item in map(str, inputs):
@@ -235,12 +237,16 @@ def check_outputs(out: Path, planned: list[Path], paths: list[Path], overwrite: 
         )
 
 
-def _split_videos(paths: list[Path]) -> tuple[list[int], list[int]]:
-    """(indices of images, indices of videos) among the inputs."""
+def _split_inputs(paths: list[Path]) -> tuple[list[int], list[int], list[int]]:
+    """(indices of images, of videos, of large images: TIFFs, and JPEG/PNG over
+    AUTO_TILE_PIXELS, predicted window by window into a tiled TIFF) among the inputs."""
+    from segment_deeplab.infer.large import is_large
     from segment_deeplab.infer.video import is_video
 
     videos = [i for i, p in enumerate(paths) if is_video(p)]
-    return [i for i in range(len(paths)) if i not in set(videos)], videos
+    large = [i for i, p in enumerate(paths) if i not in set(videos) and is_large(p)]
+    other = set(videos) | set(large)
+    return [i for i in range(len(paths)) if i not in other], videos, large
 
 
 def write_prediction(
@@ -307,7 +313,7 @@ def predict(
     out = check_writable_dir(output)
     paths, failed = collect_inputs(inputs)
     stems = output_stems(paths)
-    images, videos = _split_videos(paths)
+    images, videos, large = _split_inputs(paths)
     if videos:
         try:
             video.require_av()
@@ -315,6 +321,7 @@ def predict(
             raise OutputError(f"{paths[videos[0]]}: {e}") from None
     planned = [f for i in images for f in output_files(out, stems[i], save_probs)]
     planned += [f for i in videos for f in video.video_output_files(out, stems[i], frames)]
+    planned += [out / f"{stems[i]}.tif" for i in large]
     check_outputs(out, planned, paths, overwrite)
     # Before anything is written: a runtime that cannot be had is refused with no trace.
     probe = probe_size(paths[images[0]]) if images else None
@@ -351,7 +358,28 @@ def predict(
             continue
         result.videos.append(done)
         result.written.append(done.mask)
+    _predict_large(model, paths, stems, large, out, classes, ignore_index, tta, dtype, progress,
+                   result)  # fmt: skip
     return result
+
+
+def _predict_large(model, paths, stems, large, out, classes, ignore_index, tta, dtype,
+                   progress, result) -> None:  # fmt: skip
+    """Large images window by window (`infer.large`), each into `<stem>.tif` (a tiled,
+    compressed TIFF of class ids; a GeoTIFF's georeferencing kept)."""
+    from segment_deeplab.infer.large import predict_large
+
+    for i in large:
+        try:
+            done = predict_large(
+                model, paths[i], out / f"{stems[i]}.tif", classes, ignore_index, tta=tta,
+                dtype=dtype, overwrite=True, progress=progress,
+            )  # fmt: skip
+        except (DatasetError, OSError, ValueError) as e:
+            result.failed.append((paths[i].name, _reason(e)))
+            continue
+        result.large.append(done)
+        result.written.append(done.written)
 
 
 def run_predict(

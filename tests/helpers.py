@@ -82,3 +82,34 @@ def make_run(run: Path, classes: list[dict]) -> Path:
     }
     atomic_save(ckpt, run / "best.pt")
     return run
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """sha256 of every file below `root`, by relative path: a source left untouched
+    hashes the same before and after."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def read_masks(dataset: Path) -> dict:
+    """The class-id arrays of a dataset's masks/, by stem."""
+    import numpy as np
+    from PIL import Image
+
+    return {p.stem: np.array(Image.open(p)) for p in sorted((dataset / "masks").glob("*.png"))}
+
+
+def import_fails(capsys, args: list[str], out: Path, *names: str) -> str:
+    """`deeplab import` exits 2 naming `names`, leaving no output or staging folder."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    for n in names:
+        assert n in err, err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*")), "the staging folder was left behind"
+    return err

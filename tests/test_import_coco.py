@@ -8,13 +8,13 @@ pycocotools' `mask.encode`. The expected masks come from `COCO.annToMask`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import read_masks, tree_hash
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -111,18 +111,6 @@ def make_coco_export(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """A COCO export and the masks `deeplab import coco` must make of it."""
     path = write_coco(root, "instances_default")
     return path, expected_masks(path)
-
-
-def read_masks(out: Path) -> dict[str, np.ndarray]:
-    return {p.stem: np.array(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
-
-
-def tree_hash(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_masks_equal_pycocotools_and_the_source_is_untouched(tmp_path):

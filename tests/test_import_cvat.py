@@ -3,7 +3,6 @@ them, checked pixel for pixel against masks computed here without the importer."
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from xml.sax.saxutils import XMLGenerator
@@ -11,6 +10,7 @@ from xml.sax.saxutils import XMLGenerator
 import numpy as np
 import pytest
 import yaml
+from helpers import read_masks, tree_hash
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -277,18 +277,6 @@ def make_cvat_mask_export(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _masks(out: Path) -> dict[str, np.ndarray]:
-    return {p.stem: np.array(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
-
-
 def _spec(out: Path) -> dict:
     return yaml.safe_load((out / "dataset.yaml").read_text())
 
@@ -298,7 +286,7 @@ def _split(out: Path, name: str) -> list[str]:
 
 
 def _assert_masks(out: Path, expected: dict[str, np.ndarray]) -> None:
-    got = _masks(out)
+    got = read_masks(out)
     assert sorted(got) == sorted(expected)
     for stem, ids in expected.items():
         assert Image.open(out / "masks" / f"{stem}.png").mode == "P"
@@ -314,7 +302,7 @@ def _hex_rgb(h: str) -> list[int]:
 
 def test_cvat_xml_project_export(tmp_path):
     src, expected = make_cvat_xml_export(tmp_path)
-    before = _hashes(src)
+    before = tree_hash(src)
     out = tmp_path / "ds"
     assert main(["import", "cvat", str(src), "--output", str(out)]) == 0
     _assert_masks(out, expected)
@@ -334,7 +322,7 @@ def test_cvat_xml_project_export(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [
         "frame_000.png", "frame_002.png", "frame_003.png", "sub__frame_001.jpg"
     ]  # fmt: skip
-    assert _hashes(src) == before
+    assert tree_hash(src) == before
 
 
 def test_cvat_xml_task_export(tmp_path, capsys):
@@ -366,7 +354,7 @@ def test_cvat_xml_task_export(tmp_path, capsys):
     assert res["images"] == 1 and res["shapes"] == 3
     assert res["skipped_shapes"] == {"skeleton": 1}
     assert not (out / "splits").exists()
-    ids = _masks(out)["a"]
+    ids = read_masks(out)["a"]
     road = ids == IDS["road"]
     ys, xs = np.nonzero(road)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 30, 24, 36)  # centre +- radii
@@ -443,7 +431,7 @@ def test_cvat_xml_bad_input(tmp_path, capsys, case):
 
 def test_cvat_mask_export(tmp_path):
     src, expected = make_cvat_mask_export(tmp_path)
-    before = _hashes(src)
+    before = tree_hash(src)
     out = tmp_path / "ds"
     assert main(["import", "cvat-mask", str(src), "--output", str(out)]) == 0
     _assert_masks(out, expected)
@@ -454,7 +442,7 @@ def test_cvat_mask_export(tmp_path):
     assert spec["imported_from"]["format"] == "cvat-mask"
     assert _split(out, "train") == ["img_a", "img_b"]
     assert _split(out, "val") == ["img_c"]
-    assert _hashes(src) == before
+    assert tree_hash(src) == before
 
 
 def test_cvat_mask_single_default_subset_is_no_split(tmp_path):

@@ -4,7 +4,6 @@ own shape_to_mask / shapes_to_label would draw, pixel for pixel."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import import_fails, read_masks, tree_hash
 from PIL import Image, ImageDraw
 
 from segment_deeplab.cli import main
@@ -131,41 +131,19 @@ def make_labelme_export(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return root, {"a": want_a, "b": want_b, "c": np.zeros((H, W), np.uint8)}
 
 
-def _hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _masks(out: Path) -> dict[str, np.ndarray]:
-    return {p.stem: np.array(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
-
-
 def _edit(path: Path, fn) -> None:
     data = json.loads(path.read_text())
     fn(data)
     path.write_text(json.dumps(data))
 
 
-def _fails(capsys, args: list[str], out: Path, *names: str) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    for n in names:
-        assert n in err, err
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}*")), "the staging folder was left behind"
-    return err
-
-
 def test_import_matches_labelme(tmp_path, capsys):
     src, expected = make_labelme_export(tmp_path / "ann")
-    before = _hashes(src)
+    before = tree_hash(src)
     out = tmp_path / "data"
     assert main(["import", "labelme", str(src), "--output", str(out)]) == 0
     assert "imported 3 images" in capsys.readouterr().out
-    masks = _masks(out)
+    masks = read_masks(out)
     assert masks.keys() == expected.keys()
     for stem, want in expected.items():
         np.testing.assert_array_equal(masks[stem], want, err_msg=stem)
@@ -174,7 +152,7 @@ def test_import_matches_labelme(tmp_path, capsys):
     embedded = base64.b64decode(json.loads((src / "b.json").read_text())["imageData"])
     assert (out / "images" / "b.jpg").read_bytes() == embedded  # never re-encoded
     assert (out / "images" / "a.png").read_bytes() == (src / "a.png").read_bytes()
-    assert _hashes(src) == before, "the export was modified"
+    assert tree_hash(src) == before, "the export was modified"
 
 
 def test_files_as_source_and_labels_file(tmp_path):
@@ -186,7 +164,7 @@ def test_files_as_source_and_labels_file(tmp_path):
     assert main([*args, "--labels", str(labels)]) == 0
     remap = np.arange(256, dtype=np.uint8)
     remap[[1, 2, 3]] = [3, 2, 1]  # ball<->grass
-    masks = _masks(out)
+    masks = read_masks(out)
     assert sorted(masks) == ["a", "b"]
     np.testing.assert_array_equal(masks["a"], remap[expected["a"]])
     spec = yaml.safe_load((out / "dataset.yaml").read_text())
@@ -200,7 +178,7 @@ def test_shape_order_decides_overlaps(tmp_path):
     assert main(["import", "labelme", str(src), "--output", str(out)]) == 0
     car = _draw(lambda d: d.rectangle(((10, 12), (30, 25)), outline=1, fill=1))
     grass = _draw(lambda d: d.polygon([(0, 20.5), (49, 15.2), (49, 39), (0, 39)], 1, 1))
-    got = _masks(out)["a"]
+    got = read_masks(out)["a"]
     assert (car & grass).any() and (got[car & grass & (got != 1)] == IDS["grass"]).all()
 
 
@@ -208,14 +186,16 @@ def test_empty_skip(tmp_path):
     src, _ = make_labelme_export(tmp_path / "ann")
     out = tmp_path / "data"
     assert main(["import", "labelme", str(src), "--output", str(out), "--empty", "skip"]) == 0
-    assert sorted(_masks(out)) == ["a", "b"]
+    assert sorted(read_masks(out)) == ["a", "b"]
 
 
 def test_missing_image(tmp_path, capsys):
     src, _ = make_labelme_export(tmp_path / "ann")
     (src / "a.png").unlink()
     out = tmp_path / "data"
-    _fails(capsys, ["import", "labelme", str(src), "--output", str(out)], out, "a.json", "a.png")
+    import_fails(
+        capsys, ["import", "labelme", str(src), "--output", str(out)], out, "a.json", "a.png"
+    )
 
 
 @pytest.mark.parametrize(
@@ -233,14 +213,16 @@ def test_bad_shapes_are_named(tmp_path, capsys, change, words):
     src, _ = make_labelme_export(tmp_path / "ann")
     _edit(src / "a.json", change)
     out = tmp_path / "data"
-    _fails(capsys, ["import", "labelme", str(src), "--output", str(out)], out, "a.json", words)
+    import_fails(
+        capsys, ["import", "labelme", str(src), "--output", str(out)], out, "a.json", words
+    )
 
 
 def test_unknown_label_with_labels(tmp_path, capsys):
     src, _ = make_labelme_export(tmp_path / "ann")
     out = tmp_path / "data"
     args = ["import", "labelme", str(src), "--output", str(out), "--labels", "grass,car"]
-    _fails(capsys, args, out, "a.json shape 2", "'ball'")
+    import_fails(capsys, args, out, "a.json shape 2", "'ball'")
 
 
 def test_bad_json_and_bad_image_data(tmp_path, capsys):
@@ -248,6 +230,6 @@ def test_bad_json_and_bad_image_data(tmp_path, capsys):
     out = tmp_path / "data"
     args = ["import", "labelme", str(src), "--output", str(out)]
     _edit(src / "b.json", lambda d: d.update(imageData="not base64!"))
-    _fails(capsys, args, out, "b.json", "imageData")
+    import_fails(capsys, args, out, "b.json", "imageData")
     (src / "c.json").write_text('{"shapes": [')
-    _fails(capsys, args, out, "c.json", "not a readable labelme JSON")
+    import_fails(capsys, args, out, "c.json", "not a readable labelme JSON")

@@ -3,7 +3,6 @@ to masks that match, pixel for pixel, what its regions mean."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import import_fails, read_masks, tree_hash
 from label_studio_converter.brush import encode_rle
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -170,41 +170,19 @@ def make_labelstudio_export(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return export, {"street": _paint(street), "photos__field": _paint(field)}
 
 
-def _hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _masks(out: Path) -> dict[str, np.ndarray]:
-    return {p.stem: np.array(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
-
-
 def _edit(export: Path, fn) -> None:
     tasks = json.loads(export.read_text())
     fn(tasks)
     export.write_text(json.dumps(tasks))
 
 
-def _fails(capsys, args: list[str], out: Path, *names: str) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    for n in names:
-        assert n in err, err
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}*")), "the staging folder was left behind"
-    return err
-
-
 def test_import_matches_the_regions(tmp_path, capsys):
     export, expected = make_labelstudio_export(tmp_path / "ls")
-    before = _hashes(tmp_path / "ls")
+    before = tree_hash(tmp_path / "ls")
     out = tmp_path / "data"
     assert main(["import", "labelstudio", str(export), "--output", str(out)]) == 0
     assert "imported 2 images" in capsys.readouterr().out
-    masks = _masks(out)
+    masks = read_masks(out)
     assert masks.keys() == expected.keys()
     for stem, want in expected.items():
         np.testing.assert_array_equal(masks[stem], want, err_msg=stem)
@@ -214,7 +192,7 @@ def test_import_matches_the_regions(tmp_path, capsys):
     assert (out / "images" / "street.png").read_bytes() == (
         export.parent / "street.png"
     ).read_bytes()
-    assert _hashes(tmp_path / "ls") == before, "the export was modified"
+    assert tree_hash(tmp_path / "ls") == before, "the export was modified"
 
 
 def test_later_regions_cover_earlier_ones(tmp_path):
@@ -224,7 +202,7 @@ def test_later_regions_cover_earlier_ones(tmp_path):
     assert main(["import", "labelstudio", str(export), "--output", str(out)]) == 0
     want = _paint(_street()[::-1])  # person first, road last: road covers the car's foot
     assert (want == IDS["road"]).sum() > (_paint(_street()) == IDS["road"]).sum()
-    np.testing.assert_array_equal(_masks(out)["street"], want)
+    np.testing.assert_array_equal(read_masks(out)["street"], want)
 
 
 def test_overlap_ignore_marks_clashes(tmp_path):
@@ -233,7 +211,7 @@ def test_overlap_ignore_marks_clashes(tmp_path):
     args = ["import", "labelstudio", str(export), "--output", str(out), "--overlap", "ignore"]
     assert main(args) == 0
     (_, road, _), (_, car, _), (_, person, _) = _street()
-    got = _masks(out)["street"]
+    got = read_masks(out)["street"]
     assert (got[car & person] == 255).all() and (got[road & car] == 255).all()
     alone = person & ~car & ~road
     assert alone.any() and (got[alone] == IDS["person"]).all()
@@ -249,14 +227,14 @@ def test_labels_order_and_images_flag(tmp_path):
     args = ["import", "labelstudio", str(export), "--output", str(out), "--images", str(moved)]
     assert main([*args, "--labels", "tree,road,person,car"]) == 0
     remap = np.array([0, 4, 3, 2, 1], np.uint8)  # car<->tree, person<->road
-    np.testing.assert_array_equal(_masks(out)["street"], remap[expected["street"]])
+    np.testing.assert_array_equal(read_masks(out)["street"], remap[expected["street"]])
 
 
 def test_unknown_label_with_labels(tmp_path, capsys):
     export, _ = make_labelstudio_export(tmp_path / "ls")
     out = tmp_path / "data"
     args = ["import", "labelstudio", str(export), "--output", str(out), "--labels", "road,car"]
-    _fails(capsys, args, out, export.name, "task 11", "'person'", "task 12", "'tree'")
+    import_fails(capsys, args, out, export.name, "task 11", "'person'", "task 12", "'tree'")
 
 
 def test_missing_image_names_the_task(tmp_path, capsys):
@@ -264,7 +242,7 @@ def test_missing_image_names_the_task(tmp_path, capsys):
     (export.parent / "street.png").unlink()
     out = tmp_path / "data"
     args = ["import", "labelstudio", str(export), "--output", str(out)]
-    _fails(capsys, args, out, export.name, "task 11", "3f2a9c1e-street.png", "--images")
+    import_fails(capsys, args, out, export.name, "task 11", "3f2a9c1e-street.png", "--images")
 
 
 @pytest.mark.parametrize(
@@ -283,16 +261,16 @@ def test_bad_regions_are_named(tmp_path, capsys, change, words):
     _edit(export, lambda t: change(t[0]["annotations"][1]["result"]))
     out = tmp_path / "data"
     args = ["import", "labelstudio", str(export), "--output", str(out)]
-    _fails(capsys, args, out, export.name, "task 11", words)
+    import_fails(capsys, args, out, export.name, "task 11", words)
 
 
 def test_bad_json(tmp_path, capsys):
     bad = tmp_path / "export.json"
     bad.write_text('[{"id": 1, "data": ')
     out = tmp_path / "data"
-    _fails(capsys, ["import", "labelstudio", str(bad), "--output", str(out)], out, str(bad))
+    import_fails(capsys, ["import", "labelstudio", str(bad), "--output", str(out)], out, str(bad))
     bad.write_text(json.dumps({"images": [], "annotations": []}))  # a COCO file
-    _fails(capsys, ["import", "labelstudio", str(bad), "--output", str(out)], out, "'JSON'")
+    import_fails(capsys, ["import", "labelstudio", str(bad), "--output", str(out)], out, "'JSON'")
 
 
 def test_brush_without_the_converter(tmp_path, capsys, monkeypatch):
@@ -302,7 +280,7 @@ def test_brush_without_the_converter(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
     out = tmp_path / "data"
     args = ["import", "labelstudio", str(export), "--output", str(out)]
-    _fails(capsys, args, out, "pip install 'segment-deeplab[labelstudio]'")
+    import_fails(capsys, args, out, "pip install 'segment-deeplab[labelstudio]'")
     # polygons and rectangles need nothing more
     _edit(export, lambda t: t[0]["annotations"][1]["result"].pop(2))
     assert main(args) == 0
@@ -314,7 +292,7 @@ def test_empty_skip_and_copy(tmp_path):
     out = tmp_path / "data"
     args = ["import", "labelstudio", str(export), "--output", str(out), "--copy"]
     assert main([*args, "--empty", "skip"]) == 0
-    assert sorted(_masks(out)) == ["street"]
+    assert sorted(read_masks(out)) == ["street"]
     assert (out / "images" / "street.png").stat().st_ino != (
         export.parent / "street.png"
     ).stat().st_ino

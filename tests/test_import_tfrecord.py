@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import importlib.util
 import io
 import json
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import read_masks, tree_hash
 from PIL import Image
 
 from segment_deeplab.classes import default_palette
@@ -261,18 +261,6 @@ def make_tfrecord_export(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def _images() -> dict[str, bytes]:
     return {r["filename"]: r["image"] for rs in _export_records().values() for r in rs}
-
-
-def read_masks(out: Path) -> dict[str, np.ndarray]:
-    return {p.stem: np.array(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
-
-
-def tree_hash(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _check_import(out: Path, expected: dict[str, np.ndarray]) -> None:

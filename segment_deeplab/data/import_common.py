@@ -15,7 +15,7 @@ import io
 import re
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -221,14 +221,6 @@ def stem_of(name: str) -> str:
     return "__".join(parts)
 
 
-@dataclass
-class ImportResult:
-    output: Path
-    spec: DatasetSpec
-    images: int
-    skipped: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    splits: dict[str, int] = field(default_factory=dict)
 
 
 class DatasetWriter:

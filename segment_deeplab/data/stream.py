@@ -21,6 +21,7 @@ read in order as one stream (memory stays flat however large the split is).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator
@@ -275,13 +276,16 @@ class ShardSplit(Dataset):
         # A loader worker gets its own copy: without the open stream, which cannot travel.
         return {**self.__dict__, "_pos": None, "_it": None}
 
+    def _shard_of(self, i: int) -> int:
+        return bisect.bisect_right(self._first, i) - 1
+
     def paths(self, i: int) -> tuple[str, str]:
-        shard = next(k for k in range(len(self.shard_list)) if i < self._first[k + 1])
+        shard = self._shard_of(i)
         where = f"{self.manifest.url(self.shard_list[shard])}#{self.stems[i]}"
         return where, where
 
     def _seek(self, i: int) -> None:
-        shard = next(k for k in range(len(self.shard_list)) if i < self._first[k + 1])
+        shard = self._shard_of(i)
         shards = self.shard_list[shard:]
         self._it = itertools.chain.from_iterable(shard_samples(self.manifest, s) for s in shards)
         self._pos = self._first[shard]

@@ -96,6 +96,34 @@ def test_geotiff_mask_equals_sliding_window_and_keeps_georeferencing(tmp_path, l
     assert res.windows == 20 and any("ModelTiepointTag" in n for n in res.notes)
 
 
+def test_wide_image_in_strips_equals_sliding_window(tmp_path, loaded) -> None:
+    """A band budget too small for the image's width: strips of columns, the straddling
+    windows predicted for both, and still predict_probs's mask (flip and nodata too)."""
+    rgb = _picture(700, 2100, seed=3)
+    rgb[100:300, 700:900] = 7  # nodata across the first strip edge
+    src = tmp_path / "wide.tif"
+    tifffile.imwrite(
+        src, rgb, tile=(256, 256), compression="zlib", extratags=[(42113, 2, None, "7", True)]
+    )  # fmt: skip
+    tta = TTA(window=256, flip=True)
+    band = len(CLASSES) * 256 * 4 * 2 * 1000  # sums for 1000 columns: strips of 768
+    res = predict_large(
+        loaded.model, src, tmp_path / "mask.tif", loaded.classes, tta=tta, progress=False,
+        band_bytes=band,
+    )  # fmt: skip
+    want = _sliding(loaded, rgb, tta)
+    want[100:300, 700:900] = 255
+    got = tifffile.imread(res.written)
+    assert np.array_equal(got, want), f"{(got != want).sum()} pixels differ"
+    assert any("3 strips" in n for n in res.notes), res.notes  # 0..768..1536..2100
+    whole = predict_large(
+        loaded.model, src, tmp_path / "whole.tif", loaded.classes, tta=tta, progress=False
+    )
+    assert res.windows > whole.windows  # the straddling windows, twice
+    assert np.array_equal(tifffile.imread(whole.written), want)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spill left
+
+
 def test_striped_uint16_bands_scaled_and_flipped(tmp_path, loaded) -> None:
     bands = np.random.default_rng(1).integers(0, 4096, (4, 520, 600), dtype=np.uint16)
     src = tmp_path / "multispectral.tif"

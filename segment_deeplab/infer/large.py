@@ -1,10 +1,18 @@
 """Images too large for memory (GeoTIFFs, scans, huge photos), predicted window by window.
 
 `predict_large` gives the masks `predict_probs` with `TTA(window=...)` gives on the whole
-image (the same windows, batches and sums, so the same floats), while the memory stays
-flat in the image's height: only a band of one window's height of class probabilities
-is held, and the mask is written as it is finished, 256 x 256 tiles at a time, into a
-tiled, deflate-compressed TIFF of uint8 class ids with the class colours as its palette.
+image (the same windows and the same sums per pixel, so the same floats), while the
+memory stays flat as the image grows in either direction:
+
+- The image is cut into vertical strips, each as wide as `band_bytes` of probability
+  sums allows (one strip when the image is narrow enough: 12,000 columns for 21 classes
+  and 1024-pixel windows at the default 1 GiB). A strip is predicted top to bottom, a
+  row of windows at a time; only a band of one window's height of class probabilities
+  over the strip's columns is held. The windows that straddle two strips are predicted
+  for each (a few percent more windows; `LargeResult.windows` counts them).
+- The mask is finished a band at a time and kept as deflate-compressed 256 x 256 tiles
+  in an unnamed temporary file beside the output, then written, in row-major tile order,
+  into a tiled TIFF of uint8 class ids with the class colours as its palette.
 
 What is read, and how:
 
@@ -32,8 +40,10 @@ import dataclasses
 import itertools
 import math
 import sys
+import tempfile
 import time
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +68,8 @@ TIFF_EXTS = (".tif", ".tiff")
 OUT_TILE = 256  # the mask TIFF's tile size
 # Columns of the finished rows turned into class ids at once: bounds the temporaries.
 LABEL_COLUMNS = 1024
+# The most memory one strip's probability sums take (float32, classes x window x columns).
+BAND_BYTES = 1 << 30
 GEO_TAGS = {
     33550: "ModelPixelScaleTag",
     33922: "ModelTiepointTag",
@@ -168,34 +180,35 @@ class TiffSource:
         self.notes.append(f"uint16 scaled to 0..255 by 255/{top}")
         return top
 
-    def _raw(self, y0: int, y1: int) -> np.ndarray:
-        """Rows y0..y1 of the bands used, as stored: (rows, W, 3)."""
+    def _raw(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        """Rows y0..y1, columns x0..x1 of the bands used, as stored: (rows, cols, 3)."""
         index = []
         for a in self._axes:
             index.append(
-                slice(y0, y1) if a == "Y" else slice(None) if a == "X" else
+                slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else
                 slice(0, min(3, self._bands)) if a == "S" else 0
             )  # fmt: skip
         try:
             raw = np.asarray(self._z[tuple(index)])
         except Exception as e:  # a truncated or corrupt tile
-            raise DatasetError(f"cannot read image {self.path} (rows {y0}..{y1}): {e}") from e
+            where = f"rows {y0}..{y1}, columns {x0}..{x1 or self.width}"
+            raise DatasetError(f"cannot read image {self.path} ({where}): {e}") from e
         kept = [a for a in self._axes if a in "YXS"]
         raw = raw.transpose([kept.index(a) for a in "YXS"]) if "S" in kept else raw[..., None]
         return raw if raw.shape[-1] == 3 else np.repeat(raw[..., :1], 3, axis=-1)
 
-    def read(self, y0: int, y1: int) -> torch.Tensor:
-        raw = self._raw(y0, y1)
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> torch.Tensor:
+        raw = self._raw(y0, y1, x0, x1)
         if self._scale is not None:
             top = self._scale
             raw = np.minimum((raw.astype(np.uint32) * 255 + top // 2) // top, 255)
         return torch.from_numpy(np.ascontiguousarray(raw.transpose(2, 0, 1), dtype=np.uint8))
 
-    def empty(self, y0: int, y1: int) -> np.ndarray | None:
-        """(rows, W) True where every band holds the GDAL_NODATA value; None: none."""
+    def empty(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray | None:
+        """(rows, cols) True where every band holds the GDAL_NODATA value; None: none."""
         if self.nodata is None:
             return None
-        return (self._raw(y0, y1) == self.nodata).all(-1)
+        return (self._raw(y0, y1, x0, x1) == self.nodata).all(-1)
 
     def close(self) -> None:
         self._tif.close()
@@ -209,10 +222,10 @@ class PhotoSource:
         self._image = read_image(path)  # DatasetError naming the file if unreadable
         self.height, self.width = self._image.shape[-2:]
 
-    def read(self, y0: int, y1: int) -> torch.Tensor:
-        return self._image[:, y0:y1]
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> torch.Tensor:
+        return self._image[:, y0:y1, x0:x1]
 
-    def empty(self, y0: int, y1: int) -> None:
+    def empty(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> None:
         return None
 
     def close(self) -> None:
@@ -242,17 +255,19 @@ def open_source(path: str | Path, uint16_max: int | None = None) -> TiffSource |
 
 
 class _Bands:
-    """Window-high bands of the source, the last few kept (neighbouring windows share them)."""
+    """Window-high bands of the source over columns x0..x1, the last few kept
+    (neighbouring windows share them)."""
 
-    def __init__(self, source, height: int, keep: int = 2) -> None:
+    def __init__(self, source, height: int, x0: int, x1: int, keep: int = 2) -> None:
         self.source, self.height, self.keep, self._cache = source, height, keep, OrderedDict()
+        self.x0, self.x1 = x0, x1
 
     def window(self, y: int, x: int, width: int) -> torch.Tensor:
         if y not in self._cache:
-            self._cache[y] = self.source.read(y, y + self.height)
+            self._cache[y] = self.source.read(y, y + self.height, self.x0, self.x1)
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
-        return self._cache[y][:, :, x : x + width]
+        return self._cache[y][:, :, x - self.x0 : x - self.x0 + width]
 
 
 def _window_probs(model, bands: _Bands, origins, tw: int, w: int, mirrored: bool, dtype):
@@ -287,42 +302,78 @@ def _grid(h: int, w: int, tta: TTA) -> tuple[list[int], list[int], int, int]:
     return _starts(h, tta.window, step), _starts(w, tta.window, step), th, tw
 
 
-def _label_rows(model, source, tta: TTA, dtype, ignore: int, bar) -> Iterator[np.ndarray]:
-    """The mask as (rows, W) uint8 blocks, top to bottom, each finished when no later
-    window reaches it: `predict_probs(image, tta)`'s argmax, a band at a time."""
+def _strips(
+    w: int, classes: int, th: int, tw: int, passes: int, budget: int
+) -> list[tuple[int, int]]:
+    """Column ranges (x0, x1) of the strips: each strip's band (its columns plus the
+    window width its straddling windows add) holds `budget` bytes of float sums at most,
+    but no strip is narrower than 3 windows (fewer straddlers to predict twice). Inner
+    edges are multiples of OUT_TILE, so no mask tile spans two strips."""
+    per_column = classes * th * 4 * passes
+    if w * per_column <= budget:
+        return [(0, w)]
+    width = max(budget // per_column - tw, 3 * tw)
+    width = max(OUT_TILE, width // OUT_TILE * OUT_TILE)
+    edges = [*range(0, w, width), w]
+    if len(edges) > 2 and edges[-1] - edges[-2] < tw:  # no sliver at the right edge
+        edges.pop(-2)
+    return list(itertools.pairwise(edges))
+
+
+def _strip_origins(ys, xs, tw: int, w: int, x0: int, x1: int, mirrored: bool):
+    """The windows, in `_probs_tiled`'s (row-major) order, that reach columns x0..x1;
+    for the mirrored pass, origins in the flipped image's columns."""
+
+    def reaches(x: int) -> bool:
+        left = w - x - tw if mirrored else x
+        return left < x1 and left + tw > x0
+
+    return [(y, x) for y in ys for x in xs if reaches(x)]
+
+
+def _label_rows(model, source, tta: TTA, dtype, ignore: int, bar, strip: tuple[int, int]):
+    """The mask of the strip's columns as (rows, x1 - x0) uint8 blocks, top to bottom,
+    each finished when no later window reaches it: `predict_probs(image, tta)`'s argmax,
+    a band at a time. Every pixel's windows are summed in `_probs_tiled`'s order."""
     h, w = source.height, source.width
+    x0, x1 = strip
     ys, xs, th, tw = _grid(h, w, tta)
-    origins = [(y, x) for y in ys for x in xs]
     device = model_device(model)
-    bands = _Bands(source, th, keep=3 if tta.flip else 2)
-    cy, cx = _coverage(h, ys, th, device), _coverage(w, xs, tw, device)
     passes = [False, True] if tta.flip else [False]
+    origins = [_strip_origins(ys, xs, tw, w, x0, x1, m) for m in passes]
+    lefts = [w - x - tw if m else x for m, o in zip(passes, origins, strict=True) for _, x in o]
+    bx0, bx1 = min(lefts), max(lefts) + tw  # the band: the columns the windows cover
+    bands = _Bands(source, th, bx0, bx1, keep=3 if tta.flip else 2)
+    cy, cx = _coverage(h, ys, th, device), _coverage(w, xs, tw, device)
     counts = [cx.flip(0) if m else cx for m in passes]  # the mirror's windows, unmirrored
     streams = [
-        itertools.groupby(_window_probs(model, bands, origins, tw, w, m, dtype), lambda t: t[0])
-        for m in passes
+        itertools.groupby(_window_probs(model, bands, o, tw, w, m, dtype), lambda t: t[0])
+        for m, o in zip(passes, origins, strict=True)
     ]
-    sums: list[torch.Tensor] = []  # per pass: (C, th, W) sums of the rows ys[r]..ys[r] + th
+    sums: list[torch.Tensor] = []  # per pass: (C, th, bx1 - bx0) sums of rows ys[r]..+th
     for r, rows in enumerate(zip(*streams, strict=True)):
         for i, (_, windows) in enumerate(rows):
-            for _, x0, p in windows:
+            for _, left, p in windows:
                 if len(sums) <= i:
-                    sums.append(torch.zeros((p.shape[0], th, w), device=device))
-                sums[i][:, :, x0 : x0 + tw] += p
+                    sums.append(torch.zeros((p.shape[0], th, bx1 - bx0), device=device))
+                sums[i][:, :, left - bx0 : left - bx0 + tw] += p
                 bar.update(1)
         y, end = ys[r], ys[r + 1] if r + 1 < len(ys) else h
         n = end - y
-        block = np.empty((n, w), np.uint8)
-        for c in range(0, w, LABEL_COLUMNS):
-            cols = slice(c, c + LABEL_COLUMNS)
+        block = np.empty((n, x1 - x0), np.uint8)
+        for c in range(x0, x1, LABEL_COLUMNS):
+            cols = slice(c, min(c + LABEL_COLUMNS, x1))
+            band = slice(cols.start - bx0, cols.stop - bx0)
             # The same elementwise sums and quotients as predict_probs: equal floats.
             total = None
             for s, count in zip(sums, counts, strict=True):
-                p = s[:, :n, cols] / (cy[y:end, None] * count[None, cols])
+                p = s[:, :n, band] / (cy[y:end, None] * count[None, cols])
                 total = p if total is None else total + p
             total = total / len(sums) if len(sums) > 1 else total  # / 1 changes nothing
-            block[:, cols] = labels(total[None])[0].to(torch.uint8).cpu().numpy()
-        empty = source.empty(y, end)
+            block[:, cols.start - x0 : cols.stop - x0] = (
+                labels(total[None])[0].to(torch.uint8).cpu().numpy()
+            )
+        empty = source.empty(y, end, x0, x1)
         if empty is not None:
             block[empty] = ignore
         yield block
@@ -340,17 +391,40 @@ def _shift_up(s: torch.Tensor, n: int) -> None:
     s[:, rows - n :] = 0
 
 
-def _mask_tiles(blocks: Iterator[np.ndarray], width: int) -> Iterator[np.ndarray]:
-    """OUT_TILE x OUT_TILE tiles in row-major order from blocks of any height (edge tiles
-    smaller: tifffile pads them)."""
-    pending = np.empty((0, width), np.uint8)
-    for block in itertools.chain(blocks, [None]):
-        if block is not None:
-            pending = np.concatenate([pending, block])
-        while len(pending) >= OUT_TILE or (block is None and len(pending)):
-            band, pending = pending[:OUT_TILE], pending[OUT_TILE:]
-            for x in range(0, width, OUT_TILE):
-                yield np.ascontiguousarray(band[:, x : x + OUT_TILE])
+class _TileStore:
+    """The mask's tiles, deflate-compressed as the TIFF stores them, kept in an unnamed
+    temporary file (gone with the process, however it ends) until they are written in
+    row-major order: strips finish column ranges, the TIFF wants rows of tiles."""
+
+    def __init__(self, file) -> None:
+        self._file = file  # e.g. tempfile.TemporaryFile(), opened for reading and writing
+        self._at: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def add_strip(self, blocks: Iterator[np.ndarray], x0: int) -> None:
+        """Cut (rows, cols) blocks of the strip starting at column x0 into tiles."""
+        pending, ty = None, 0
+        for block in itertools.chain(blocks, [None]):
+            if block is not None:
+                pending = block if pending is None else np.concatenate([pending, block])
+            while pending is not None and (
+                len(pending) >= OUT_TILE or (block is None and len(pending))
+            ):
+                band, pending = pending[:OUT_TILE], pending[OUT_TILE:]
+                for x in range(0, band.shape[1], OUT_TILE):
+                    tile = np.zeros((OUT_TILE, OUT_TILE), np.uint8)  # edge tiles: zero-padded
+                    part = band[:, x : x + OUT_TILE]
+                    tile[: part.shape[0], : part.shape[1]] = part
+                    data = zlib.compress(tile.tobytes(), 6)
+                    self._at[(ty, (x0 + x) // OUT_TILE)] = (self._file.tell(), len(data))
+                    self._file.write(data)
+                ty += 1
+
+    def tiles(self, h: int, w: int) -> Iterator[bytes]:
+        for ty in range(math.ceil(h / OUT_TILE)):
+            for tx in range(math.ceil(w / OUT_TILE)):
+                offset, length = self._at[(ty, tx)]
+                self._file.seek(offset)
+                yield self._file.read(length)
 
 
 def _colormap(classes: Sequence[ClassInfo], ignore: int) -> np.ndarray:
@@ -371,6 +445,7 @@ def predict_large(
     uint16_max: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    band_bytes: int = BAND_BYTES,
 ) -> LargeResult:
     """Predict one large image window by window and write its mask as a tiled TIFF.
 
@@ -385,6 +460,7 @@ def predict_large(
         dtype: the forward pass's autocast dtype (see `tta.forward_dtype`).
         uint16_max: the uint16 value that becomes 255 (default: see the module).
         overwrite: replace an existing `out_path` (never the input itself).
+        band_bytes: the most memory a strip's probability sums may take (see the module).
 
     Raises:
         DatasetError: the image cannot be read (the message names it).
@@ -416,24 +492,35 @@ def predict_large(
         tags = list(source.geotags)
         if source.nodata is not None:
             tags.append((NODATA_TAG, 2, None, str(ignore), True))
-        ys, xs, _, _ = _grid(h, w, tta)
-        n = len(ys) * len(xs) * (2 if tta.flip else 1)
+        ys, xs, th, tw = _grid(h, w, tta)
+        passes = [False, True] if tta.flip else [False]
+        strips = _strips(w, len(classes), th, tw, len(passes), band_bytes)
+        n = sum(len(_strip_origins(ys, xs, tw, w, x0, x1, m)) for x0, x1 in strips for m in passes)
         bar = tqdm(
             total=n, desc=f"predict {path.name}", unit="window", file=sys.stderr,
             disable=not progress,
         )  # fmt: skip
-        blocks = _label_rows(model, source, tta, dtype, ignore, bar)
-        # One thread: tifffile's thread pool would take up to 512 MB of tiles at a time.
-        with staged(out_path) as tmp, tifffile.TiffWriter(tmp, bigtiff=h * w > 2**31) as tif:
-            tif.write(
-                _mask_tiles(blocks, w), shape=(h, w), dtype=np.uint8, tile=(OUT_TILE, OUT_TILE),
-                compression="zlib", photometric="palette", colormap=_colormap(classes, ignore),
-                extratags=tags, maxworkers=1,
-            )  # fmt: skip
+        with (
+            staged(out_path) as tmp,
+            tempfile.TemporaryFile(dir=tmp.parent, prefix=".tiles-") as spill,
+        ):
+            store = _TileStore(spill)
+            for strip in strips:
+                store.add_strip(
+                    _label_rows(model, source, tta, dtype, ignore, bar, strip), strip[0]
+                )
+            with tifffile.TiffWriter(tmp, bigtiff=h * w > 2**31) as tif:
+                tif.write(
+                    store.tiles(h, w), shape=(h, w), dtype=np.uint8, tile=(OUT_TILE, OUT_TILE),
+                    compression="zlib", photometric="palette", colormap=_colormap(classes, ignore),
+                    extratags=tags,
+                )  # fmt: skip
     finally:
         bar.close()
         source.close()
     notes = list(source.notes)
+    if len(strips) > 1:
+        notes.append(f"{len(strips)} strips of columns (band memory {band_bytes >> 20} MiB)")
     if source.geotags:
         notes.append("georeferencing copied: " + ", ".join(GEO_TAGS[t[0]] for t in source.geotags))
     if source.nodata is not None:

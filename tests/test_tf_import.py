@@ -25,7 +25,7 @@ from segment_deeplab.cli import main
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.slow,  # TensorFlow builds and runs xception_65: about two minutes
+    pytest.mark.slow,  # TensorFlow builds and runs five networks: about three minutes
     pytest.mark.skipif(
         importlib.util.find_spec("tensorflow") is None,
         reason="TensorFlow builds the reference network: pip install 'segment-deeplab[tf-tests]'",
@@ -37,6 +37,11 @@ SCRIPT = Path(__file__).with_name("tf_deeplab_reference.py")
 CASES = {
     "mobilenet_v2": ["--sizes", "64x96", "33x49"],
     "xception_65": ["--sizes", "64x96", "129x161", "--decoder-output-stride", "4"],
+    # Strides on each block's last unit, SAME max pooling, the decoder tap before the sum.
+    "resnet_v1_101_beta": ["--sizes", "64x96", "97x129"],
+    # The other stem, and ImageNet-mean input scaling.
+    "resnet_v1_50": ["--sizes", "64x96", "33x49"],
+    "xception_71": ["--sizes", "64x96", "33x49"],  # two more entry-flow blocks
 }
 
 

@@ -2,9 +2,10 @@
 weights, for checking a PyTorch port against it.
 
 The network is rebuilt here in TensorFlow graph mode with plain tf.compat.v1 ops (no tf_slim),
-following deeplab/model.py, deeplab/core/{feature_extractor,xception,utils}.py and slim's
-nets/mobilenet/{mobilenet,mobilenet_v2,conv_blocks}.py, with slim's variable names, so the
-checkpoint it writes has the names and shapes of TF DeepLab's own checkpoints.
+following deeplab/model.py, deeplab/core/{feature_extractor,xception,resnet_v1_beta,utils}.py
+and slim's nets/resnet_utils.py and nets/mobilenet/{mobilenet,mobilenet_v2,conv_blocks}.py,
+with slim's variable names, so the checkpoint it writes has the names and shapes of TF
+DeepLab's own checkpoints.
 
     python tests/tf_deeplab_reference.py OUT_DIR --variant xception_65 --num-classes 5 \
         --output-stride 16 --sizes 65x97 129x161 [--decoder-output-stride 4 | none]
@@ -51,12 +52,30 @@ tf1 = tf.compat.v1
 # slim's default 1e-3 for MobilenetV2 (training_scope sets only decay); 1e-5 in ASPP and the
 # decoder (model.py), which TF 1.x's fused batch norm raised to its minimum 1.001e-5.
 XCEPTION_EPS, MOBILENET_EPS, HEAD_EPS = 1e-3, 1e-3, 1.001e-5
+RESNET_EPS = 1.001e-5  # resnet_arg_scope(batch_norm_epsilon=1e-5), fused
+MEAN_RGB = [123.15, 115.90, 103.06]  # feature_extractor._MEAN_RGB (resnet_v1_50/101)
+RESNET_UNITS = {"resnet_v1_50": [3, 4, 6, 3], "resnet_v1_101": [3, 4, 23, 3]}
+RESNET_END_POINT = "block1/unit_2/bottleneck_v1/conv3"
 # feature_extractor.networks_to_feature_maps[variant][DECODER_END_POINTS].
 DECODER_END_POINTS = {
     "xception_65": {
         4: "xception_65/entry_flow/block2/unit_1/xception_module/separable_conv2_pointwise",
         8: "xception_65/entry_flow/block3/unit_1/xception_module/separable_conv2_pointwise",
         16: "xception_65/exit_flow/block1/unit_1/xception_module/separable_conv2_pointwise",
+    },
+    "xception_41": {
+        4: "xception_41/entry_flow/block2/unit_1/xception_module/separable_conv2_pointwise",
+        8: "xception_41/entry_flow/block3/unit_1/xception_module/separable_conv2_pointwise",
+        16: "xception_41/exit_flow/block1/unit_1/xception_module/separable_conv2_pointwise",
+    },
+    "xception_71": {
+        4: "xception_71/entry_flow/block3/unit_1/xception_module/separable_conv2_pointwise",
+        8: "xception_71/entry_flow/block5/unit_1/xception_module/separable_conv2_pointwise",
+        16: "xception_71/exit_flow/block1/unit_1/xception_module/separable_conv2_pointwise",
+    },
+    **{
+        v: {4: f"{v.removesuffix('_beta')}/{RESNET_END_POINT}"}
+        for v in ("resnet_v1_50", "resnet_v1_50_beta", "resnet_v1_101", "resnet_v1_101_beta")
     },
     "mobilenet_v2": {
         4: "layer_4/depthwise_output",
@@ -65,14 +84,34 @@ DECODER_END_POINTS = {
     },
 }
 # (scope, depth_list, skip_connection_type, activation_fn_in_separable_conv, units, stride)
+XCEPTION_EXIT = [
+    ("exit_flow/block1", [728, 1024, 1024], "conv", False, 1, 2),
+    ("exit_flow/block2", [1536, 1536, 2048], "none", True, 1, 1),
+]
 XCEPTION_65_BLOCKS = [
     ("entry_flow/block1", [128, 128, 128], "conv", False, 1, 2),
     ("entry_flow/block2", [256, 256, 256], "conv", False, 1, 2),
     ("entry_flow/block3", [728, 728, 728], "conv", False, 1, 2),
     ("middle_flow/block1", [728, 728, 728], "sum", False, 16, 1),
-    ("exit_flow/block1", [728, 1024, 1024], "conv", False, 1, 2),
-    ("exit_flow/block2", [1536, 1536, 2048], "none", True, 1, 1),
+    *XCEPTION_EXIT,
 ]
+XCEPTION_BLOCKS = {
+    "xception_41": [
+        *XCEPTION_65_BLOCKS[:3],
+        ("middle_flow/block1", [728] * 3, "sum", False, 8, 1),
+        *XCEPTION_EXIT,
+    ],  # fmt: skip
+    "xception_65": XCEPTION_65_BLOCKS,
+    "xception_71": [
+        ("entry_flow/block1", [128, 128, 128], "conv", False, 1, 2),
+        ("entry_flow/block2", [256, 256, 256], "conv", False, 1, 1),
+        ("entry_flow/block3", [256, 256, 256], "conv", False, 1, 2),
+        ("entry_flow/block4", [728, 728, 728], "conv", False, 1, 1),
+        ("entry_flow/block5", [728, 728, 728], "conv", False, 1, 2),
+        ("middle_flow/block1", [728, 728, 728], "sum", False, 16, 1),
+        *XCEPTION_EXIT,
+    ],
+}
 # mobilenet_v2.V2_DEF spec after the first conv: (expansion, num_outputs, stride).
 MOBILENET_V2_SPEC = [(1, 16, 1), (6, 24, 2), (6, 24, 1)] + [(6, 32, 2)] + [(6, 32, 1)] * 2
 MOBILENET_V2_SPEC += [(6, 64, 2)] + [(6, 64, 1)] * 3 + [(6, 96, 1)] * 3
@@ -199,13 +238,13 @@ class Net:
                 return residual + shortcut
             return residual + x if skip == "sum" else residual
 
-    def xception_65(self, x, output_stride):
-        with tf1.variable_scope("xception_65"):
+    def xception(self, x, variant, output_stride):
+        with tf1.variable_scope(variant):
             x = fixed_padding(x, 3)  # resnet_utils.conv2d_same, stride 2
             x = self.conv2d(x, 32, 3, "entry_flow/conv1_1", 2, padding="VALID", eps=XCEPTION_EPS)
             x = self.conv2d(x, 64, 3, "entry_flow/conv1_2", eps=XCEPTION_EPS)
             target, current, rate = output_stride // 2, 1, 1  # stack_blocks_dense
-            for scope, depths, skip, act_in_sep, units, stride in XCEPTION_65_BLOCKS:
+            for scope, depths, skip, act_in_sep, units, stride in XCEPTION_BLOCKS[variant]:
                 for i in range(units):
                     with tf1.variable_scope(f"{scope}/unit_{i + 1}"):
                         if current == target:  # atrous from here on; multi_grid [1, 1, 1]
@@ -213,6 +252,53 @@ class Net:
                             rate *= stride
                         else:
                             x = self.xception_module(x, depths, skip, act_in_sep, stride, 1)
+                            current *= stride
+            return x
+
+    # ---------------------------------------------------------------- resnet_v1
+    def conv2d_same(self, x, filters, k, stride, rate, scope):
+        """resnet_utils.conv2d_same: SAME at stride 1, explicit even padding when strided."""
+        if stride == 1:
+            return self.conv2d(x, filters, k, scope, rate=rate, eps=RESNET_EPS)
+        x = fixed_padding(x, k, rate)
+        return self.conv2d(x, filters, k, scope, stride, rate, "VALID", RESNET_EPS)
+
+    def bottleneck(self, x, depth, depth_bottleneck, stride, rate):
+        """deeplab/core/resnet_v1_beta.bottleneck."""
+        with tf1.variable_scope("bottleneck_v1"):
+            if depth == x.shape[-1]:  # resnet_utils.subsample: a strided 1x1 max pool
+                shortcut = x if stride == 1 else tf1.nn.max_pool2d(x, 1, stride, "SAME")
+            else:
+                shortcut = self.conv2d(x, depth, 1, "shortcut", stride=stride, eps=RESNET_EPS,
+                                       act=None)  # fmt: skip
+            r = self.conv2d(x, depth_bottleneck, 1, "conv1", eps=RESNET_EPS)
+            r = self.conv2d_same(r, depth_bottleneck, 3, stride, rate, "conv2")
+            r = self.conv2d(r, depth, 1, "conv3", eps=RESNET_EPS, act=None)
+            return tf.nn.relu(shortcut + r)
+
+    def resnet_v1(self, x, variant, output_stride):
+        """resnet_v1_beta.resnet_v1_{50,101}[_beta]: the stride of blocks 1-3 on their last
+        unit, multi_grid [1, 1, 1] in block4, the beta's stem of three 3x3 convs."""
+        scope = variant.removesuffix("_beta")
+        with tf1.variable_scope(scope):
+            if variant.endswith("_beta"):  # root_block_fn_for_beta_variant
+                x = self.conv2d_same(x, 64, 3, 2, 1, "conv1_1")
+                x = self.conv2d_same(x, 64, 3, 1, 1, "conv1_2")
+                x = self.conv2d_same(x, 128, 3, 1, 1, "conv1_3")
+            else:
+                x = self.conv2d_same(x, 64, 7, 2, 1, "conv1")
+            x = tf1.nn.max_pool2d(x, 3, 2, "SAME")  # resnet_arg_scope: SAME pooling
+            target, current, rate = output_stride // 4, 1, 1  # stack_blocks_dense
+            for b, units in enumerate(RESNET_UNITS[scope], 1):
+                base = 64 * 2 ** (b - 1)
+                for i in range(units):
+                    stride = 2 if b < 4 and i == units - 1 else 1
+                    with tf1.variable_scope(f"block{b}/unit_{i + 1}"):
+                        if current == target:
+                            x = self.bottleneck(x, base * 4, base, 1, rate)
+                            rate *= stride
+                        else:
+                            x = self.bottleneck(x, base * 4, base, stride, 1)
                             current *= stride
             return x
 
@@ -246,9 +332,14 @@ class Net:
         """model.multi_scale_logits(image_pyramid=[1.0]) with crop_size=None; returns the
         logits at the logits stride and a dict of inner tensors."""
         self.end_points = {}
-        x = (2.0 / 255.0) * images - 1.0  # _preprocess_zero_mean_unit_range
-        if variant == "xception_65":
-            features = self.xception_65(x, output_stride)
+        if variant in ("resnet_v1_50", "resnet_v1_101"):  # _preprocess_subtract_imagenet_mean
+            x = images - tf.constant(MEAN_RGB, tf.float32)
+        else:
+            x = (2.0 / 255.0) * images - 1.0  # _preprocess_zero_mean_unit_range
+        if variant.startswith("xception"):
+            features = self.xception(x, variant, output_stride)
+        elif variant.startswith("resnet"):
+            features = self.resnet_v1(x, variant, output_stride)
         else:
             features = self.mobilenet_v2(x, output_stride)
         inner = {"features": features}
@@ -290,19 +381,19 @@ def main(argv=None):
     p.add_argument(
         "--decoder-output-stride",
         default=None,
-        help="4, 8, 16 or none (default: 4 for xception_65, none for mobilenet_v2)",
+        help="4, 8, 16 or none (default: 4 for xception and resnet, none for mobilenet_v2)",
     )
     p.add_argument(
         "--atrous-rates",
         default=None,
-        help="comma-separated or none (default: xception_65 6,12,18 at output "
+        help="comma-separated or none (default: xception and resnet 6,12,18 at output "
         "stride 16, 12,24,36 at 8; mobilenet_v2 none, as in DeepLab's docs)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
-    xception = args.variant == "xception_65"
+    xception = not args.variant.startswith("mobilenet")  # and resnet: DeepLab's v3+ recipe
     dos = args.decoder_output_stride or ("4" if xception else "none")
     dos = None if dos.lower() == "none" else int(dos)
     if dos not in (None, 4, 8, 16):

@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass
 
 import timm
+import torch
 import torch.nn as nn
 
 # TF DeepLab `model_variant` -> timm model name. Any timm name that supports
@@ -23,6 +24,12 @@ VARIANTS: dict[str, str] = {
     "resnet_18": "resnet18",
     "resnet_50": "resnet50",
     "resnet_101": "resnet101",
+    # TF DeepLab's names: resnet_v1 (7x7 stem) and the _beta stem of three 3x3 convs
+    # (64, 64, 128), which is timm's "s" stem.
+    "resnet_v1_50": "resnet50",
+    "resnet_v1_101": "resnet101",
+    "resnet_v1_50_beta": "resnet50s",
+    "resnet_v1_101_beta": "resnet101s",
     "mobilenet_v2": "mobilenetv2_100",
     "mobilenet_v3_large": "mobilenetv3_large_100",
     "mobilenet_v3_small": "mobilenetv3_small_100",
@@ -143,3 +150,57 @@ def low_level_index(spec: FeatureSpec, decoder_output_stride: int, name: str) ->
         f"backbone '{name}' has no feature at decoder_output_stride {decoder_output_stride} "
         f"(feature strides: {spec.reductions}); use one of {have}, or null for DeepLab v3"
     )
+
+
+class Subsample(nn.Module):
+    """slim's resnet_utils.subsample: every `factor`-th pixel (a 1x1 max pool, strided)."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.factor, :: self.factor]
+
+
+def is_bottleneck_resnet(body: nn.Module) -> bool:
+    """A timm ResNet of bottleneck units (resnet50/101, their "s" stems)."""
+    layer = getattr(body, "layer1", None)
+    return layer is not None and hasattr(layer[0], "conv3") and hasattr(body, "maxpool")
+
+
+def tf_resnet_layout(body: nn.Module, output_stride: int, multi_grid=(1, 1, 1)) -> None:
+    """Strides and rates of slim's resnet_v1 as TF DeepLab builds it (resnet_v1_beta.py),
+    in place on a timm bottleneck ResNet; the weights keep their shapes and names.
+
+    TF puts a block's stride on its *last* unit (timm: on the first), the shortcut of
+    that unit subsampling its input; the 3x3 max pool pads SAME (after, on even sizes);
+    once `output_stride` is reached the strides become rates, every later unit dilated
+    by the strides skipped before it (timm dilates a stage's first unit less), and the
+    last block's units by `multi_grid` too. The stem conv pads evenly as PyTorch does.
+    """
+    from timm.layers import create_pool2d
+
+    body.maxpool = create_pool2d("max", 3, stride=2, padding="same")
+    current, rate = 4, 1  # after the stem and the pool
+    layers = [body.layer1, body.layer2, body.layer3, body.layer4]
+    for b, layer in enumerate(layers):
+        units = list(layer)
+        for i, unit in enumerate(units):
+            s = 2 if b < 3 and i == len(units) - 1 else 1
+            grid = multi_grid[i] if b == 3 and i < len(multi_grid) else 1
+            if current == output_stride:
+                stride, r = 1, rate * grid
+                rate *= s
+            else:
+                stride, r = s, grid
+                current *= s
+            unit.conv2.stride, unit.conv2.dilation, unit.conv2.padding = (
+                (stride,) * 2,
+                (r,) * 2,
+                (r,) * 2,
+            )
+            if unit.downsample is not None:  # a 1x1 conv: the unit's stride
+                unit.downsample[0].stride = (stride, stride)
+            elif stride > 1:
+                unit.downsample = Subsample(stride)

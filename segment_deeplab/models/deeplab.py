@@ -20,8 +20,10 @@ from segment_deeplab.models.backbones import (
     ModelError,
     create_features,
     feature_spec,
+    is_bottleneck_resnet,
     is_xception,
     low_level_index,
+    tf_resnet_layout,
     timm_name,
 )
 
@@ -85,9 +87,21 @@ def resize(x: torch.Tensor, factor: int, size, tf_compat: bool) -> torch.Tensor:
     return upsample(x, factor, size)
 
 
-# TF DeepLab's batch-norm epsilon: its head (model.py) and each backbone's arg scope.
-TF_HEAD_EPS = 1e-5
-TF_BACKBONE_EPS = {"xception": 1e-3, "mobilenet": 1e-3, "resnet": 1e-5}
+# TF DeepLab's batch-norm epsilon: its head (model.py) and each backbone's arg scope;
+# 1e-5 becomes 1.001e-5, the least TF's fused batch norm (slim's default) takes.
+TF_HEAD_EPS = 1.001e-5
+TF_BACKBONE_EPS = {"xception": 1e-3, "mobilenet": 1e-3, "resnet": 1.001e-5}
+# feature_extractor._MEAN_RGB: resnet_v1_50/101 subtract it from 0..255 pixels.
+TF_MEAN_RGB = (123.15, 115.90, 103.06)
+
+
+def tf_input_scaling(backbone: nn.Module) -> tuple[tuple, tuple]:
+    """(mean, std) of [0, 1] input that give TF DeepLab's preprocessing: 2 / 255 * pixel
+    - 1 for most backbones (the beta resnets too), pixel - TF_MEAN_RGB for resnet_v1
+    with its 7x7 stem."""
+    if is_bottleneck_resnet(backbone) and isinstance(backbone.conv1, nn.Conv2d):
+        return tuple(m / 255 for m in TF_MEAN_RGB), (1 / 255,) * 3
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def set_bn_eps(module: nn.Module, eps: float) -> None:
@@ -165,8 +179,10 @@ class DeepLabV3(nn.Module):
         same = cfg.tf_compat and "mobilenet" in self.timm_name
         self.backbone = create_features(self.timm_name, cfg.output_stride, pad_type="same" * same)
         spec = feature_spec(self.backbone)
-        if cfg.tf_compat:  # TF DeepLab feeds (2 / 255) * pixel - 1: [0, 1] -> [-1, 1]
-            spec.mean, spec.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        if cfg.tf_compat and is_bottleneck_resnet(self.backbone):
+            tf_resnet_layout(self.backbone, cfg.output_stride)
+        if cfg.tf_compat:
+            spec.mean, spec.std = tf_input_scaling(self.backbone)
             kind = next((k for k in TF_BACKBONE_EPS if k in self.timm_name), None)
             if kind is not None:
                 set_bn_eps(self.backbone, TF_BACKBONE_EPS[kind])
@@ -246,6 +262,8 @@ class DeepLabV3Plus(DeepLabV3):
         self._pre_act: list[torch.Tensor] = []
         if cfg.tf_compat and is_xception(self.timm_name):
             self._tap_before_activation()
+        elif cfg.tf_compat and is_bottleneck_resnet(self.backbone):
+            self._tap_resnet_end_point()
         init_head(self.decoder)
         return cfg.decoder_channels
 
@@ -258,6 +276,19 @@ class DeepLabV3Plus(DeepLabV3):
         act = self.backbone.get_submodule(name.replace("blocks.", "blocks_", 1))
         act.inplace = False
         act.register_forward_pre_hook(lambda _m, args: self._pre_act.append(args[0]))
+
+    def _tap_resnet_end_point(self) -> None:
+        """TF DeepLab's resnet decoder end point, block1/unit_2/bottleneck_v1/conv3: the
+        second unit's residual branch before the sum (block1's last unit is strided
+        there, so its output is at stride 8)."""
+        if self.cfg.decoder_output_stride != 4:
+            raise ModelError(
+                "TF DeepLab's resnet decoder reads stride 4 (block1/unit_2): set "
+                f"model.decoder_output_stride=4, not {self.cfg.decoder_output_stride}"
+            )
+        bn3 = self.backbone.layer1[-2].bn3
+        # A copy: the unit adds the shortcut to this tensor in place.
+        bn3.register_forward_hook(lambda _m, _args, out: self._pre_act.append(out.clone()))
 
     def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         low = self._pre_act.pop() if self._pre_act else features[self.low_index]

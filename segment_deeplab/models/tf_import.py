@@ -42,6 +42,10 @@ BACKBONE_SCOPES = {
     "xception_65": "xception_65",
     "xception_71": "xception_71",
     "mobilenet_v2": "MobilenetV2",
+    "resnet_v1_50": "resnet_v1_50",
+    "resnet_v1_50_beta": "resnet_v1_50",
+    "resnet_v1_101": "resnet_v1_101",
+    "resnet_v1_101_beta": "resnet_v1_101",
 }
 # Xception: (flow, block) of each timm block, in order
 _XCEPTION_FLOWS = {
@@ -51,7 +55,12 @@ _XCEPTION_FLOWS = {
     "xception_65": [("entry_flow", 1), ("entry_flow", 2), ("entry_flow", 3)]
     + [("middle_flow", 1)] * 16
     + [("exit_flow", 1), ("exit_flow", 2)],
+    "xception_71": [("entry_flow", b) for b in range(1, 6)]
+    + [("middle_flow", 1)] * 16
+    + [("exit_flow", 1), ("exit_flow", 2)],
 }
+# resnet_v1_50/101: units per block (timm's layer1..layer4)
+_RESNET_UNITS = {"resnet_v1_50": [3, 4, 6, 3], "resnet_v1_101": [3, 4, 23, 3]}
 # timm mobilenetv2_100: blocks per stage (17 inverted residuals, the first without
 # expansion), as TF's expanded_conv, expanded_conv_1 ... expanded_conv_16
 _MOBILENET_V2_STAGES = [1, 2, 3, 4, 3, 3, 1]
@@ -87,6 +96,24 @@ def _xception_layers(variant: str) -> list[tuple[str, str, str]]:
                 out.append((f"{tf}/separable_conv{j}_{part}", f"{ours}.stack.conv{j}.{conv}",
                             f"{ours}.stack.conv{j}.{bn}"))  # fmt: skip
         out.append((f"{tf}/shortcut", f"{ours}.shortcut.conv", f"{ours}.shortcut.bn"))
+    return out
+
+
+def _resnet_layers(variant: str) -> list[tuple[str, str, str]]:
+    """resnet_v1_{50,101}[_beta]: the stem (conv1, or the beta's conv1_1..3) and every
+    unit's bottleneck_v1/{conv1,conv2,conv3,shortcut}."""
+    scope = BACKBONE_SCOPES[variant]
+    if variant.endswith("_beta"):  # timm's deep stem: conv1.{0,3,6}, the last one's BN bn1
+        out = [(f"{scope}/conv1_1", "backbone.conv1.0", "backbone.conv1.1"),
+               (f"{scope}/conv1_2", "backbone.conv1.3", "backbone.conv1.4"),
+               (f"{scope}/conv1_3", "backbone.conv1.6", "backbone.bn1")]  # fmt: skip
+    else:
+        out = [(f"{scope}/conv1", "backbone.conv1", "backbone.bn1")]
+    for b, units in enumerate(_RESNET_UNITS[scope], 1):
+        for u in range(units):
+            tf, ours = f"{scope}/block{b}/unit_{u + 1}/bottleneck_v1", f"backbone.layer{b}.{u}"
+            out += [(f"{tf}/conv{j}", f"{ours}.conv{j}", f"{ours}.bn{j}") for j in (1, 2, 3)]
+            out.append((f"{tf}/shortcut", f"{ours}.downsample.0", f"{ours}.downsample.1"))
     return out
 
 
@@ -140,6 +167,18 @@ def _kernel(tensors: dict, scope: str) -> np.ndarray | None:
     if f"{scope}/weights" in tensors:  # (H, W, I, O) -> (O, I, H, W)
         return tensors[f"{scope}/weights"].transpose(3, 2, 0, 1)
     return None
+
+
+def tf_variant(variant: str) -> str:
+    """The TF DeepLab variant of a model variant (resnet_50 is resnet_v1_50: one network)."""
+    from segment_deeplab.models.backbones import timm_name
+
+    if variant in BACKBONE_SCOPES:
+        return variant
+    same = [v for v in BACKBONE_SCOPES if timm_name(v) == timm_name(variant)]
+    if not same:
+        raise ModelError(f"{variant}: TF checkpoints import for {', '.join(BACKBONE_SCOPES)}")
+    return same[0]
 
 
 def model_config(tensors: dict, variant: str, num_classes: int | None, output_stride: int):
@@ -198,10 +237,11 @@ def convert(tensors: dict, model: torch.nn.Module, strict: bool = True) -> Impor
     """
     rates = len(model.atrous_rates)
     cfg = model.cfg
-    if cfg.model_variant.startswith("xception"):
-        if cfg.model_variant not in _XCEPTION_FLOWS:
-            raise ModelError(f"{cfg.model_variant}: no variable map yet (xception_41, _65)")
-        layers = _xception_layers(cfg.model_variant)
+    variant = tf_variant(cfg.model_variant)
+    if variant.startswith("xception"):
+        layers = _xception_layers(variant)
+    elif variant.startswith("resnet"):
+        layers = _resnet_layers(variant)
     else:
         layers = _mobilenet_v2_layers()
     layers += _head_layers(rates, bool(model.separable), cfg.image_pooling,

@@ -272,14 +272,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="steps per contender per round")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--malloc",
+        choices=["system", "keep"],
+        default="system",
+        help="keep: glibc keeps freed memory for every contender, as `deeplab train` on a "
+        "CPU has it (train.keep_cpu_memory); system: glibc's defaults, as the peer runs",
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    if args.malloc == "keep":
+        from segment_deeplab.device import keep_freed_memory
+
+        if not keep_freed_memory():
+            p.error("--malloc keep needs glibc (Linux)")
     torch.manual_seed(0)
     rows = []
     for v in args.backbones:
         rows += bench_backbone(v, args)
         print(markdown(rows, args), file=sys.stderr, flush=True)  # partial results
-    text = f"{machine()}\n\n{markdown(rows, args)}"
+    text = f"{machine()}; allocator: {args.malloc}\n\n{markdown(rows, args)}"
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))

@@ -54,6 +54,33 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory of freed CPU tensors for later ones.
+
+    By default every block over 32 MB (a training step's activations and gradients at
+    512x512) is mmap'ed and given back when freed, so the next step faults it in again,
+    page by page: about 230,000 page faults and 0.7 s of system time per resnet_18 step
+    at 512x512, batch 2. Served from the heap and not trimmed, the memory is reused.
+    Process-wide, from this call on; forked data-loader workers inherit it. Returns
+    whether it took (False off glibc, e.g. macOS or musl)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 @functools.cache
 def has_amx() -> bool:
     """CPUs with AMX gain from bf16; others run it slower than fp32. Read once."""

@@ -221,6 +221,8 @@ def setup_run(
     cfg.model.num_classes = spec.num_classes
     _tf_arithmetic_for_tf_weights(cfg)
     tc = cfg.train
+    if tc.keep_cpu_memory and info.device.type == "cpu":
+        devices.keep_freed_memory()
     class_pixels = spec.stats.get("class_pixels")
     if cfg.model.logit_bias is None:  # class weights' shift, taken out at inference
         cfg.model.logit_bias = prior_logit_bias(tc, spec.num_classes, class_pixels)

@@ -11,7 +11,8 @@ ratio project / peer. Contenders for each backbone:
   fp32 and contiguous as that loop runs on a CPU; on CPUs where the project trains in
   bf16 (AMX), also the peer with channels_last + bf16 autocast added by hand.
 - project: `build_model` + the project's own train step (`train/loop.py::train_step`,
-  uint8 in, channels_last, foreach SGD, `train.amp=auto`), with the head matched to
+  uint8 in, channels_last as `train.channels_last` decides it (not for fp32 on a CPU),
+  foreach SGD, `train.amp=auto`), with the head matched to
   smp's (separable ASPP and decoder convs), the same in fp32, and at TF DeepLab's
   defaults (full 3x3 convs, about twice the peer's decoder FLOPs).
 
@@ -39,7 +40,7 @@ from common import gflops, machine  # noqa: E402
 from peer_smp import build_peer, normalize_batch, peer_optimizer, peer_train_step  # noqa: E402
 
 from segment_deeplab.config import Config  # noqa: E402
-from segment_deeplab.device import autocast_dtype  # noqa: E402
+from segment_deeplab.device import autocast_dtype, channels_last_pays  # noqa: E402
 from segment_deeplab.infer.fold import for_inference  # noqa: E402
 from segment_deeplab.infer.tta import predict_probs  # noqa: E402
 from segment_deeplab.losses import build_loss  # noqa: E402
@@ -94,8 +95,14 @@ class Contender:
         cfg = Config()
         cfg.model.model_variant, cfg.model.num_classes = self.variant, NUM_CLASSES
         cfg.model.separable = True if self.head == "matched" else None
-        # As fit() builds it: channels_last (train.channels_last defaults to true).
-        self.model = build_model(cfg.model).to(self.device, memory_format=torch.channels_last)
+        if self.head == "matched":  # smp's decoder: one separable 3x3 conv, not TF's two
+            cfg.model.decoder_convs = 1
+        # As fit() builds it: channels_last where `device.channels_last_pays` (GPUs, CPU
+        # autocast), contiguous for fp32 on a CPU (train.channels_last=None).
+        self.channels_last = channels_last_pays(self.device, self.amp)
+        self.model = build_model(cfg.model).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loss_fn = build_loss(cfg.train, NUM_CLASSES, 255, None, self.device)
         # Inference as `deeplab predict/eval` lays the model out (channels_last).
@@ -115,7 +122,7 @@ class Contender:
             return
         train_step(
             self.compiled, self.images, self.masks, self.loss_fn, self.optimizer, None,
-            self.amp, self.device, True, False,
+            self.amp, self.device, self.channels_last, False,
         )  # fmt: skip
 
     def infer_step(self) -> None:
@@ -179,7 +186,11 @@ def label(c: Contender) -> str:
         if c.tuned:
             return f"smp DeepLabV3Plus, torchvision ref. loop + channels_last, {amp}"
         return f"smp DeepLabV3Plus, torchvision ref. loop ({amp})"
-    head = "head as smp's (separable)" if c.head == "matched" else "TF DeepLab head (full 3x3)"
+    head = (
+        "head as smp's (separable, one decoder conv)"
+        if c.head == "matched"
+        else "TF DeepLab head (full 3x3)"
+    )
     return f"segment-deeplab, {head}, {amp}"
 
 

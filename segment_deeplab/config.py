@@ -116,7 +116,9 @@ class TrainConfig:
     freeze_bn: bool | None = None
     # Mixed precision: "auto" uses bf16 where the hardware gains from it.
     amp: str = "auto"  # auto | off | bf16 | fp16
-    channels_last: bool = True
+    # Activations laid out channels_last: None decides (`device.channels_last_pays`): on
+    # GPUs and under CPU autocast (bf16), not for fp32 on a CPU, where it is slower.
+    channels_last: bool | None = None
     # Training on the CPU: glibc's malloc keeps freed memory for the next step instead of
     # returning every large tensor to the system (`device.keep_freed_memory`): 11-20%
     # faster steps for about 13% more peak memory.

@@ -217,7 +217,7 @@ def fit(
                     group["lr"] = lr
                 loss = train_step(
                     run.train_model, images, masks, run.loss_fn, run.optimizer, run.scaler,
-                    run.dtype, info.device, tc.channels_last, run.freeze_bn,
+                    run.dtype, info.device, run.channels_last, run.freeze_bn,
                 )  # fmt: skip
                 unchecked.append((run.step, loss))
                 run.step += 1

@@ -61,10 +61,15 @@ def _decide_freeze_bn(cfg: Config, synced: bool) -> bool:
 
 
 def build_train_model(
-    cfg: Config, info: devices.DistInfo, from_checkpoint: bool, verbose: bool = False
+    cfg: Config,
+    info: devices.DistInfo,
+    from_checkpoint: bool,
+    verbose: bool = False,
+    channels_last: bool = False,
 ) -> tuple[nn.Module, bool]:
-    """Build and initialise the model, decide on frozen batch norm, move it, wrap it for
-    DDP. Returns (model, whether batch norm is frozen)."""
+    """Build and initialise the model, decide on frozen batch norm, move it (laid out
+    channels_last if asked), wrap it for DDP. Returns (model, whether batch norm is
+    frozen)."""
     mc = Config.from_dict(cfg.to_dict()).model
     if from_checkpoint:  # weights come from last.pt; never download or re-read init files
         mc.pretrained, mc.init_checkpoint = False, None
@@ -79,7 +84,7 @@ def build_train_model(
     elif synced:  # SyncBatchNorm is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
-    if cfg.train.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
@@ -123,6 +128,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     dtype: torch.dtype | None  # autocast dtype; None: fp32
+    channels_last: bool  # train.channels_last, decided
     loss_fn: object
     sampler: schedule.EpochBatchSampler  # or a data.stream.ShardStream (shards)
     loader: DataLoader  # or a data.stream.StreamLoader
@@ -232,16 +238,19 @@ def setup_run(
         cfg.data.workers = resolve_workers(cfg.data.workers, info.device)
     state = _resume_state(out, resume, cfg, spec, info)
     torch.manual_seed(tc.seed)  # same initial weights on every rank
-    model, freeze_bn = build_train_model(cfg, info, state is not None, verbose)
-    optimizer = build_optimizer(model, tc)
     dtype = devices.autocast_dtype(tc.amp, info.device)
+    channels_last = tc.channels_last
+    if channels_last is None:
+        channels_last = devices.channels_last_pays(info.device, dtype)
+    model, freeze_bn = build_train_model(cfg, info, state is not None, verbose, channels_last)
+    optimizer = build_optimizer(model, tc)
     scaler = grad_scaler(dtype, info.device)
     sampler, loader = _train_data(cfg, spec, info)
     has_val = "val" in spec.splits
     run = Run(
         cfg, spec, out, info, model,
         torch.compile(model) if tc.compile else model,
-        freeze_bn, optimizer, scaler, dtype,
+        freeze_bn, optimizer, scaler, dtype, channels_last,
         build_loss(tc, spec.num_classes, spec.ignore_index, class_pixels, info.device),
         sampler, loader,
         open_split(spec, "val", eval_transforms()) if has_val else None,

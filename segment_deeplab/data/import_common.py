@@ -221,8 +221,6 @@ def stem_of(name: str) -> str:
     return "__".join(parts)
 
 
-
-
 class DatasetWriter:
     """Writes images/, masks/, dataset.yaml (and splits/) of an imported dataset.
 

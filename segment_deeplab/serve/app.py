@@ -321,3 +321,8 @@ def serve(app: FastAPI, sock: socket.socket, access_log: bool = False, on_ready=
         await task
 
     asyncio.run(main())
+    # uvicorn re-raises the Ctrl-C it caught once it has shut down, but asyncio's own
+    # SIGINT handler can take that second signal after the task has finished and drop
+    # it: a server that started and was told to exit was stopped by a signal.
+    if server.started and server.should_exit:
+        raise KeyboardInterrupt

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.ci_only  # a minute of process start-ups and engine probes: CI runs it
 def test_gpu_script_runs_at_toy_size_on_the_cpu(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
     env = {

@@ -47,6 +47,16 @@ class ModelConfig:
     decoder_channels: int = 256
     # Channels of the 1x1 projection of the low-level features (TF DeepLab: 48).
     low_level_channels: int = 48
+    # The head on the backbone: "aspp" (DeepLab's ASPP; with decoder_output_stride, the
+    # v3+ concat decoder) or "lraspp" (TF DeepLab's mobilenet_v3 head, the MobileNetV3
+    # paper's Lite R-ASPP: a 1x1 branch of aspp_channels gated by pooled features, and
+    # a decoder that sums two 1x1 convs into the logits at decoder_output_stride).
+    head: str = "aspp"
+    # TF's image_pooling_crop_size: pool the image-level branch over windows of this
+    # input size (at the output stride) moved by image_pooling_stride, not over the
+    # whole image (null). TF DeepLab's mobilenet_v3 models: [769, 769] and [4, 5].
+    image_pooling_crop_size: list[int] | None = None
+    image_pooling_stride: list[int] = field(default_factory=lambda: [1, 1])
     # Dropout before the classifier.
     dropout: float = 0.1
     # Added to each class's logit when the model predicts (eval mode), never in training.

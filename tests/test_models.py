@@ -338,3 +338,71 @@ def test_decoder_convs_one_is_smps_decoder_and_two_is_tf_deeplabs():
     assert convs == {1: 1, 2: 2}
     with pytest.raises(ConfigError, match="model.decoder_convs"):
         load_config(None, ["model.decoder_convs=3"])
+
+
+# --- TF DeepLab's mobilenet_v3 head (model.head=lraspp) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, window, stride",
+    [((29, 31), (25, 25), (4, 5)), ((9, 11), (5, 6), (4, 5)), ((6, 7), (5, 6), (1, 1))],
+)
+def test_pooling_windows_are_tfs_valid_average_pool(size, window, stride) -> None:
+    from segment_deeplab.models.aspp import image_pool
+
+    x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image_pool(x, window, stride), F.avg_pool2d(x, window, stride))
+    # A map shorter than the window (TF would fail): that axis is averaged whole.
+    short = x[:, :, :3]
+    want = F.avg_pool2d(short, (3, window[1]), stride)
+    torch.testing.assert_close(image_pool(short, window, stride), want)
+    torch.testing.assert_close(image_pool(x, None, stride), x.mean((2, 3), keepdim=True))
+
+
+def test_lraspp_head_sums_two_logit_maps_at_the_decoder_stride() -> None:
+    cfg = ModelConfig(
+        model_variant="mobilenet_v3_small_seg", num_classes=3, output_stride=32, head="lraspp",
+        decoder_output_stride=8, aspp_channels=16, image_pooling_crop_size=[129, 161],
+        image_pooling_stride=[4, 5],
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    assert type(model).__name__ == "LiteRASPP"
+    assert model.decoder.out_channels == 3 and model.classifier.in_channels == 16
+    assert model.aspp.window == (5, 6)
+    seen = {}
+    model.aspp.gate.register_forward_hook(lambda _m, _a, out: seen.update(gate=out.shape))
+    for h, w in [(257, 321), (65, 97)]:
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            y = model(x)
+            feats = model.backbone((x - model.mean) / model.std)
+            low = model.low_level(feats)
+            want = deeplab.upsample(model.classifier(model.aspp(feats[-1])), 4, low.shape[-2:])
+            want = deeplab.upsample(want + model.decoder(low), 8, (h, w))
+        assert y.shape == (1, 3, h, w)
+        torch.testing.assert_close(y, want)
+    assert seen["gate"][-2:] == (1, 1)  # 65x97 is smaller than the pooling crop: pooled whole
+    # It trains: the gate, the branch and both logit convs get gradients.
+    model.train()
+    model(torch.rand(2, 3, 96, 128)).mean().backward()
+    for part in (model.aspp.gate, model.aspp.branch[0], model.decoder, model.classifier):
+        assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"head": "fcn"}, "model.head='fcn'"),
+        ({"head": "lraspp", "decoder_output_stride": None}, "decoder_output_stride"),
+        ({"image_pooling_crop_size": [769]}, "image_pooling_crop_size"),
+        ({"image_pooling_stride": [0, 1]}, "image_pooling_stride"),
+    ],
+)
+def test_bad_head_settings_explain(kw: dict, match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        build_model(tiny_cfg("mobilenet_v3_small_seg", **kw))
+
+
+def test_tf_segmentation_mobilenets_have_no_timm_weights() -> None:
+    with pytest.raises(ModelError, match="no pretrained weights for 'mobilenetv3_large_seg'"):
+        build_model(tiny_cfg("mobilenet_v3_large_seg", pretrained=True))

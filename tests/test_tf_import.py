@@ -25,7 +25,7 @@ from segment_deeplab.cli import main
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.slow,  # TensorFlow builds and runs five networks: about three minutes
+    pytest.mark.slow,  # TensorFlow builds and runs the networks: about a minute each
     pytest.mark.skipif(
         importlib.util.find_spec("tensorflow") is None,
         reason="TensorFlow builds the reference network: pip install 'segment-deeplab[tf-tests]'",
@@ -42,7 +42,34 @@ CASES = {
     # The other stem, and ImageNet-mean input scaling.
     "resnet_v1_50": ["--sizes", "64x96", "33x49"],
     "xception_71": ["--sizes", "32x48", "33x49"],  # two more entry-flow blocks
+    # TF's mobilenet_v3 head (gated image pooling over 5x6 windows moved by 4x5, the
+    # sum-merge decoder at stride 8 giving the logits), squeeze-excite, hard swish.
+    "mobilenet_v3_large_seg": [
+        "--output-stride",
+        "32",
+        "--sizes",
+        "257x321",
+        "161x193",
+        "--image-pooling-crop-size",
+        "129,161",
+        "--image-pooling-stride",
+        "4,5",
+    ],  # fmt: skip
+    # The model zoo's pooling flags (769,769 and 4,5), which import-tf defaults to.
+    "mobilenet_v3_small_seg": [
+        "--output-stride",
+        "32",
+        "--sizes",
+        "897x961",
+        "769x801",
+        "--image-pooling-crop-size",
+        "769,769",
+        "--image-pooling-stride",
+        "4,5",
+    ],  # fmt: skip
 }
+# What import-tf is told beyond the checkpoint: what no TF variable records.
+IMPORT_ARGS = {"mobilenet_v3_large_seg": ["--image-pooling-crop-size", "129,161"]}
 
 
 @functools.cache
@@ -65,8 +92,9 @@ def _logits(model, image: np.ndarray) -> np.ndarray:
         return model(x).permute(0, 2, 3, 1).numpy()
 
 
-# xception_65, mobilenet_v2 and resnet_v1_101_beta run in `make test`; the other two in CI.
-MORE = {"resnet_v1_50", "xception_71"}
+# xception_65, mobilenet_v2, resnet_v1_101_beta and mobilenet_v3_large_seg run in
+# `make test`; the others in CI too.
+MORE = {"resnet_v1_50", "xception_71", "mobilenet_v3_small_seg"}
 
 
 @pytest.mark.parametrize(
@@ -76,12 +104,15 @@ def test_imported_checkpoint_gives_tensorflows_logits(variant, tf_root, tmp_path
     ref = reference(variant, tf_root)
     out = tmp_path / "model.pt"
     argv = ["import-tf", str(ref / "model.ckpt"), "--model-variant", variant, "--output", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, *IMPORT_ARGS.get(variant, [])]) == 0
     said = capsys.readouterr().out
     names = [v["name"] for v in json.loads((ref / "variables.json").read_text())["variables"]]
     assert f"mapped {len(names)} TF tensors" in said
     model, cfg, _ = load_model(out)
     assert cfg.model.tf_compat and cfg.model.num_classes == 5
+    if variant.startswith("mobilenet_v3"):  # the zoo's output stride, read-off decoder
+        assert cfg.model.head == "lraspp" and cfg.model.output_stride == 32
+        assert cfg.model.decoder_output_stride == 8 and cfg.model.aspp_channels == 128
     data = np.load(ref / "reference.npz")
     sizes = [k.removeprefix("image_") for k in data.files if k.startswith("image_")]
     assert len(sizes) == 2

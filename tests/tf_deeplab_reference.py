@@ -3,12 +3,21 @@ weights, for checking a PyTorch port against it.
 
 The network is rebuilt here in TensorFlow graph mode with plain tf.compat.v1 ops (no tf_slim),
 following deeplab/model.py, deeplab/core/{feature_extractor,xception,resnet_v1_beta,utils}.py
-and slim's nets/resnet_utils.py and nets/mobilenet/{mobilenet,mobilenet_v2,conv_blocks}.py,
+and slim's nets/resnet_utils.py and nets/mobilenet/{mobilenet,mobilenet_v2,mobilenet_v3,
+conv_blocks}.py,
 with slim's variable names, so the checkpoint it writes has the names and shapes of TF
 DeepLab's own checkpoints.
 
     python tests/tf_deeplab_reference.py OUT_DIR --variant xception_65 --num-classes 5 \
         --output-stride 16 --sizes 65x97 129x161 [--decoder-output-stride 4 | none]
+
+The mobilenet_v3_*_seg variants get the head of TF DeepLab's mobilenet_v3 model zoo
+(aspp_convs_filters=128, aspp_with_squeeze_and_excitation, image_se_uses_qsigmoid,
+aspp_with_concat_projection=0, decoder_use_sum_merge, decoder_output_is_logits, decoder at
+output stride 8), with --image-pooling-crop-size / --image-pooling-stride for the gate's
+pooling windows. TF needs static shapes there; here the gate is resized to the features'
+size, which is TF's resize_height/width for DeepLab's crop sizes (k * output_stride + 1),
+and squeeze-excite pools with reduce_mean, which is its avg_pool over the whole map.
 
 OUT_DIR gets model.ckpt.{index,data-*} (a V2 checkpoint, no meta graph), variables.json
 (config, and every variable's name and shape in creation order) and reference.npz: per size
@@ -82,6 +91,16 @@ DECODER_END_POINTS = {
         8: "layer_7/depthwise_output",
         16: "layer_14/depthwise_output",
     },
+    "mobilenet_v3_large_seg": {
+        4: "layer_4/depthwise_output",
+        8: "layer_7/depthwise_output",
+        16: "layer_13/depthwise_output",
+    },
+    "mobilenet_v3_small_seg": {
+        4: "layer_2/depthwise_output",
+        8: "layer_4/depthwise_output",
+        16: "layer_9/depthwise_output",
+    },
 }
 # (scope, depth_list, skip_connection_type, activation_fn_in_separable_conv, units, stride)
 XCEPTION_EXIT = [
@@ -116,6 +135,44 @@ XCEPTION_BLOCKS = {
 MOBILENET_V2_SPEC = [(1, 16, 1), (6, 24, 2), (6, 24, 1)] + [(6, 32, 2)] + [(6, 32, 1)] * 2
 MOBILENET_V2_SPEC += [(6, 64, 2)] + [(6, 64, 1)] * 3 + [(6, 96, 1)] * 3
 MOBILENET_V2_SPEC += [(6, 160, 2)] + [(6, 160, 1)] * 2 + [(6, 320, 1)]  # ends at layer_18
+
+
+def hard_swish(x):
+    """mobilenet_v3.hard_swish."""
+    return x * tf.nn.relu6(x + np.float32(3)) * np.float32(1.0 / 6.0)
+
+
+def q_sigmoid(x):
+    """deeplab/core/utils.q_sigmoid, and mobilenet_v3's squeeze-excite gate."""
+    return tf.nn.relu6(x + 3) * 0.16667
+
+
+_R, _H = tf.nn.relu, hard_swish
+# mobilenet_v3.V3_LARGE / V3_SMALL after the first conv, as feature_extractor's *_seg
+# variants change them (the last stage and final conv at half width): (expansion,
+# num_outputs, kernel, stride, activation, squeeze-excite); then the final 1x1 conv.
+MOBILENET_V3_SPEC = {
+    "mobilenet_v3_large_seg": (
+        [(1, 16, 3, 1, _R, False), (4, 24, 3, 2, _R, False), (3, 24, 3, 1, _R, False)]
+        + [(3, 40, 5, 2, _R, True)]
+        + [(3, 40, 5, 1, _R, True)] * 2
+        + [(6, 80, 3, 2, _H, False), (2.5, 80, 3, 1, _H, False)]
+        + [(184 / 80, 80, 3, 1, _H, False)] * 2
+        + [(6, 112, 3, 1, _H, True)] * 2
+        + [(3, 80, 5, 2, _H, True)]
+        + [(6, 80, 5, 1, _H, True)] * 2,
+        480,
+    ),
+    "mobilenet_v3_small_seg": (
+        [(1, 16, 3, 2, _R, True), (72 / 16, 24, 3, 2, _R, False), (88 / 24, 24, 3, 1, _R, False)]
+        + [(4, 40, 5, 2, _H, True)]
+        + [(6, 40, 5, 1, _H, True)] * 2
+        + [(3, 48, 5, 1, _H, True)] * 2
+        + [(3, 48, 5, 2, _H, True)]
+        + [(6, 48, 5, 1, _H, True)] * 2,
+        288,
+    ),
+}
 
 
 def scale_dimension(dim, scale):
@@ -198,10 +255,11 @@ class Net:
             self.end_points[tf1.get_variable_scope().name] = y
             return y
 
-    def depthwise(self, x, scope, stride=1, rate=1, padding="SAME", eps=None, act=tf.nn.relu):
+    def depthwise(self, x, scope, stride=1, rate=1, padding="SAME", eps=None, act=tf.nn.relu,
+                  k=3):  # fmt: skip
         """slim.separable_conv2d(num_outputs=None, depth_multiplier=1): `depthwise_weights`."""
         with tf1.variable_scope(scope):
-            w = self.var("depthwise_weights", [3, 3, x.shape[-1], 1])
+            w = self.var("depthwise_weights", [k, k, x.shape[-1], 1])
             s = [1, stride, stride, 1]
             y = tf1.nn.depthwise_conv2d(x, w, s, padding, rate=[rate, rate])
             y = self.batch_norm(y, eps)
@@ -327,10 +385,74 @@ class Net:
                         x = x + inputs
             return x
 
+    # ---------------------------------------------------------------- mobilenet_v3
+    def squeeze_excite(self, x):
+        """conv_blocks.squeeze_excite(squeeze_factor=4, relu inside, q_sigmoid gate)."""
+        with tf1.variable_scope("squeeze_excite"):
+            squeeze = make_divisible(int(x.shape[-1]) / 4, 8)
+            pooled = tf.reduce_mean(x, [1, 2], keepdims=True)
+            s = self.conv2d(pooled, squeeze, 1, "Conv", act=tf.nn.relu, bias=True)
+            return x * self.conv2d(s, int(x.shape[-1]), 1, "Conv_1", act=q_sigmoid, bias=True)
+
+    def mobilenet_v3(self, x, variant, output_stride):
+        """mobilenet_v3.mobilenet_base as feature_extractor.mobilenet_v3_*_seg calls it (up
+        to layer_17 / layer_13, the final 1x1 conv): SAME padding, batch norm eps 1e-3."""
+        spec, final = MOBILENET_V3_SPEC[variant]
+        with tf1.variable_scope("MobilenetV3"):
+            x = self.conv2d(x, 16, 3, "Conv", 2, eps=MOBILENET_EPS, act=hard_swish)
+            current, rate = 2, 1
+            for i, (expansion, outputs, k, stride, act, se) in enumerate(spec):
+                if current == output_stride:
+                    layer_stride, layer_rate, rate = 1, rate, rate * stride
+                else:
+                    layer_stride, layer_rate, current = stride, 1, current * stride
+                with tf1.variable_scope("expanded_conv" + (f"_{i}" if i else "")):
+                    inputs, depth_in = x, int(x.shape[-1])
+                    inner = make_divisible(depth_in * expansion, 8)  # expand_input_by_factor
+                    if inner > depth_in:
+                        x = self.conv2d(x, inner, 1, "expand", eps=MOBILENET_EPS, act=act)
+                    x = self.depthwise(x, "depthwise", layer_stride, layer_rate, "SAME",
+                                       MOBILENET_EPS, act, k)  # fmt: skip
+                    self.end_points[f"layer_{i + 2}/depthwise_output"] = x
+                    if se:  # expansion_transform, after the depthwise_output end point
+                        x = self.squeeze_excite(x)
+                    x = self.conv2d(x, outputs, 1, "project", eps=MOBILENET_EPS, act=None)
+                    if layer_stride == 1 and outputs == depth_in:
+                        x = x + inputs
+            return self.conv2d(x, final, 1, "Conv_1", eps=MOBILENET_EPS, act=hard_swish)
+
+    def lraspp(self, features, images, num_classes, variant, decoder_os, depth, pool_crop,
+               pool_stride, output_stride):  # fmt: skip
+        """extract_features with aspp_with_squeeze_and_excitation (q_sigmoid) and no
+        concat projection, then refine_by_decoder with decoder_use_sum_merge and
+        decoder_output_is_logits: the logits at the decoder's stride, and inner tensors."""
+        if pool_crop:  # image_pooling_crop_size: avg_pool2d(VALID) with image_pooling_stride
+            window = [int((c - 1) / output_stride + 1) for c in pool_crop]
+            pooled = tf1.nn.avg_pool2d(features, window, pool_stride, "VALID")
+        else:
+            pooled = tf.reduce_mean(features, [1, 2], keepdims=True)
+        gate = self.conv2d(pooled, depth, 1, "image_pooling", act=q_sigmoid, bias=True)
+        gate = resize_bilinear(gate, tf.shape(features)[1:3])
+        x = self.conv2d(features, depth, 1, "aspp0", eps=HEAD_EPS) * gate
+        inner = {"features": features, "aspp": x}
+        size = tf.shape(images)[1:3]
+        with tf1.variable_scope("decoder"):
+            low = self.end_points[DECODER_END_POINTS[variant][decoder_os]]
+            inner["low_level"] = low
+            projected = self.conv2d(low, num_classes, 1, "feature_projection0", act=None,
+                                    bias=True)  # fmt: skip
+            hw = [scale_dimension(size[0], 1.0 / decoder_os),
+                  scale_dimension(size[1], 1.0 / decoder_os)]  # fmt: skip
+            x, projected = resize_bilinear(x, hw), resize_bilinear(projected, hw)
+            logits = self.conv2d(x, num_classes, 1, "decoder_conv0", act=None, bias=True)
+        return logits + projected, inner
+
     # ---------------------------------------------------------------- DeepLab head
-    def deeplab(self, images, variant, num_classes, output_stride, atrous_rates, decoder_os):
+    def deeplab(self, images, variant, num_classes, output_stride, atrous_rates, decoder_os,
+                pooling=None):  # fmt: skip
         """model.multi_scale_logits(image_pyramid=[1.0]) with crop_size=None; returns the
-        logits at the logits stride and a dict of inner tensors."""
+        logits at the logits stride and a dict of inner tensors. `pooling`: (depth, crop,
+        stride) of the mobilenet_v3 head."""
         self.end_points = {}
         if variant in ("resnet_v1_50", "resnet_v1_101"):  # _preprocess_subtract_imagenet_mean
             x = images - tf.constant(MEAN_RGB, tf.float32)
@@ -340,6 +462,14 @@ class Net:
             features = self.xception(x, variant, output_stride)
         elif variant.startswith("resnet"):
             features = self.resnet_v1(x, variant, output_stride)
+        elif variant.startswith("mobilenet_v3"):
+            features = self.mobilenet_v3(x, variant, output_stride)
+            logits, inner = self.lraspp(features, images, num_classes, variant, decoder_os,
+                                        *pooling, output_stride)  # fmt: skip
+            size = tf.shape(images)[1:3]
+            hw = [scale_dimension(size[0], 1.0 / decoder_os),
+                  scale_dimension(size[1], 1.0 / decoder_os)]  # fmt: skip
+            return resize_bilinear(logits, hw), inner
         else:
             features = self.mobilenet_v2(x, output_stride)
         inner = {"features": features}
@@ -376,13 +506,17 @@ def main(argv=None):
     p.add_argument("out_dir", type=Path)
     p.add_argument("--variant", choices=sorted(DECODER_END_POINTS), default="xception_65")
     p.add_argument("--num-classes", type=int, default=5)
-    p.add_argument("--output-stride", type=int, choices=[8, 16], default=16)
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], default=16)
     p.add_argument("--sizes", nargs="+", default=["65x97", "129x161"], help="HxW ...")
     p.add_argument(
         "--decoder-output-stride",
         default=None,
-        help="4, 8, 16 or none (default: 4 for xception and resnet, none for mobilenet_v2)",
+        help="4, 8, 16 or none (default: 4 for xception and resnet, none for mobilenet_v2, "
+        "8 for mobilenet_v3)",
     )
+    p.add_argument("--image-pooling-crop-size", default=None, help="H,W (mobilenet_v3 head)")
+    p.add_argument("--image-pooling-stride", default="1,1", help="H,W (mobilenet_v3 head)")
+    p.add_argument("--aspp-depth", type=int, default=128, help="mobilenet_v3 head's filters")
     p.add_argument(
         "--atrous-rates",
         default=None,
@@ -394,10 +528,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     xception = not args.variant.startswith("mobilenet")  # and resnet: DeepLab's v3+ recipe
-    dos = args.decoder_output_stride or ("4" if xception else "none")
+    v3 = args.variant.startswith("mobilenet_v3")
+    dos = args.decoder_output_stride or ("4" if xception else "8" if v3 else "none")
     dos = None if dos.lower() == "none" else int(dos)
-    if dos not in (None, 4, 8, 16):
-        p.error("--decoder-output-stride: 4, 8, 16 or none")
+    if dos not in (None, 4, 8, 16) or (v3 and dos is None):
+        p.error("--decoder-output-stride: 4, 8, 16 or none (mobilenet_v3: not none)")
+    pool_crop = args.image_pooling_crop_size
+    pool_crop = [int(v) for v in pool_crop.split(",")] if pool_crop else None
+    pooling = (args.aspp_depth, pool_crop, [int(v) for v in args.image_pooling_stride.split(",")])
     rates = args.atrous_rates
     if rates is None:
         rates = "none" if not xception else ("12,24,36" if args.output_stride == 8 else "6,12,18")
@@ -405,12 +543,13 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
     config = {"variant": args.variant, "num_classes": args.num_classes,
               "output_stride": args.output_stride, "decoder_output_stride": dos,
-              "atrous_rates": rates, "seed": args.seed, "sizes": sizes}  # fmt: skip
+              "atrous_rates": rates, "seed": args.seed, "sizes": sizes,
+              "pooling": pooling if v3 else None}  # fmt: skip
 
     tf1.disable_eager_execution()
     tf1.reset_default_graph()
     net = Net(args.seed)
-    build = (args.variant, args.num_classes, args.output_stride, rates, dos)
+    build = (args.variant, args.num_classes, args.output_stride, rates, dos, pooling)
     with tf1.variable_scope(tf1.get_variable_scope(), reuse=tf1.AUTO_REUSE):
         net.calibrating = True
         calib_in = tf1.placeholder(tf.float32, [None, None, None, 3], "calibration_images")

@@ -96,11 +96,36 @@ def _add_import_tf(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--model-variant", required=True, help="xception_65, mobilenet_v2, ...")
     p.add_argument("--num-classes", type=int, help="needed when the checkpoint has no logits")
-    p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
+    p.add_argument(
+        "--output-stride", type=int, choices=[8, 16, 32],
+        help="TF's output_stride (default: 16; 32 for the mobilenet_v3 head, as its zoo)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-pooling-crop-size", type=_pair, metavar="H,W",
+        help="TF's image_pooling_crop_size, or none for the whole image (default: none; "
+        "769,769 for the mobilenet_v3 head, as its zoo)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-pooling-stride", type=_pair, metavar="H,W",
+        help="TF's image_pooling_stride (default: 1,1; 4,5 for the mobilenet_v3 head)",
+    )  # fmt: skip
     p.add_argument("--output", required=True, metavar="FILE", help="the .pt to write")
     p.add_argument("--data", metavar="DATASET", help="take the class names from this dataset")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
+
+
+def _pair(text: str) -> list[int]:
+    """'769,769' -> [769, 769] (TF's comma-separated flag values); 'none' -> []."""
+    if text.strip().lower() in ("none", "null"):
+        return []
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two positive integers, e.g. 769,769")
+    return values
 
 
 def _cmd_import_tf(args) -> int:
@@ -117,8 +142,9 @@ def _cmd_import_tf(args) -> int:
     if out.exists():
         raise UserError(f"--output {out} exists; choose a new file (nothing is written over)")
     model, report = import_tf(
-        args.checkpoint, args.model_variant, args.num_classes, args.output_stride
-    )
+        args.checkpoint, args.model_variant, args.num_classes, args.output_stride,
+        args.image_pooling_crop_size, args.image_pooling_stride,
+    )  # fmt: skip
     classes = placeholder_classes(list(range(model.cfg.num_classes)))
     if args.data:
         from segment_deeplab.data.spec import open_dataset

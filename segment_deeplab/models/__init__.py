@@ -12,9 +12,14 @@ from segment_deeplab.config import ModelConfig
 from segment_deeplab.models.backbones import VARIANTS, ModelError
 from segment_deeplab.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segment_deeplab.models.init import InitSummary, load_pretrained
+from segment_deeplab.models.lraspp import LiteRASPP
 
-# Architecture name -> class; build_model picks by decoder_output_stride (None: v3).
-MODELS: dict[str, type[DeepLabV3]] = {"deeplabv3": DeepLabV3, "deeplabv3plus": DeepLabV3Plus}
+# Architecture name -> class; build_model picks by model.head and decoder_output_stride.
+MODELS: dict[str, type[DeepLabV3]] = {
+    "deeplabv3": DeepLabV3,
+    "deeplabv3plus": DeepLabV3Plus,
+    "lraspp": LiteRASPP,
+}
 
 __all__ = [
     "MODELS",
@@ -22,6 +27,7 @@ __all__ = [
     "DeepLabV3",
     "DeepLabV3Plus",
     "InitSummary",
+    "LiteRASPP",
     "ModelError",
     "build_model",
     "load_pretrained",
@@ -29,7 +35,8 @@ __all__ = [
 
 
 def build_model(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
-    """Build DeepLabV3 (decoder_output_stride None) or DeepLabV3Plus.
+    """Build DeepLabV3 (decoder_output_stride None), DeepLabV3Plus, or LiteRASPP
+    (model.head=lraspp).
 
     `cfg.pretrained` loads timm's named weights and prints a one-line summary of what was
     loaded (names too when `verbose`). `cfg.init_checkpoint` is a file for the training
@@ -39,6 +46,7 @@ def build_model(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
         ModelError: a setting that cannot be built, or weights that cannot be loaded.
     """
     arch = "deeplabv3" if cfg.decoder_output_stride is None else "deeplabv3plus"
+    arch = "lraspp" if cfg.head == "lraspp" else arch
     model = MODELS[arch](cfg)
     if cfg.pretrained:
         print(load_pretrained(model, verbose))

@@ -54,22 +54,62 @@ def conv3x3(in_channels: int, out_channels: int, dilation: int, separable: bool)
     return conv_bn_relu(in_channels, out_channels, 3, dilation)
 
 
+def pooling_window(crop_size: list[int] | None, output_stride: int) -> tuple[int, int] | None:
+    """TF DeepLab's image-pooling window for `image_pooling_crop_size` at the output
+    stride (utils.scale_dimension); None pools the whole image."""
+    if crop_size is None:
+        return None
+    h, w = (int((c - 1) / output_stride + 1) for c in crop_size)
+    return h, w
+
+
+def _window_means(n, k: int, stride: int, like: torch.Tensor) -> torch.Tensor:
+    """(count, n): row i averages positions [i * stride, i * stride + k) of a length-n
+    axis; a window longer than the axis covers all of it."""
+    k = torch.sym_min(k, n)
+    start = torch.arange((n - k) // stride + 1, device=like.device) * stride
+    pos = torch.arange(n, device=like.device)
+    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + k)
+    return inside.to(like.dtype) / k
+
+
+def image_pool(x: torch.Tensor, window: tuple[int, int] | None, stride) -> torch.Tensor:
+    """Average over `window` moved by `stride` (TF's avg_pool2d, VALID), or over the
+    whole map (`window` None). A map smaller than the window (an image smaller than the
+    crop, where TF fails) is averaged whole along that axis. The windows are two small
+    matrix products, so the pooling follows the image size in exported graphs too."""
+    if window is None:
+        # mean() rather than AdaptiveAvgPool2d: same result, exports as ReduceMean.
+        return x.mean(dim=(2, 3), keepdim=True)
+    rows = _window_means(x.shape[-2], window[0], stride[0], x)  # (i, h)
+    cols = _window_means(x.shape[-1], window[1], stride[1], x)  # (j, w)
+    return rows @ x @ cols.transpose(0, 1)  # (B, C, i, j)
+
+
 class ImagePooling(nn.Module):
-    """Global average -> 1x1 conv + BN + ReLU -> broadcast back to the feature size.
+    """Average (the whole image, or TF's pooling windows) -> 1x1 conv + BN + ReLU ->
+    resized back to the feature size.
 
     Batch norm on a 1x1 map needs more than one image per batch in training mode
     (or frozen batch norm), as in TF DeepLab.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        window: tuple[int, int] | None = None,
+        stride: tuple[int, int] = (1, 1),
+        align_corners: bool = False,
+    ) -> None:
         super().__init__()
         self.conv = conv_bn_relu(in_channels, out_channels, 1)
+        self.window, self.stride, self.align_corners = window, tuple(stride), align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        # mean() rather than AdaptiveAvgPool2d: same result, exports to ONNX as ReduceMean.
-        y = self.conv(x.mean(dim=(2, 3), keepdim=True))  # (B, C, 1, 1)
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        y = self.conv(image_pool(x, self.window, self.stride))  # (B, C, 1, 1) unless windows
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
 class ASPP(nn.Module):
@@ -82,6 +122,8 @@ class ASPP(nn.Module):
             mobilenet setting without ASPP rates).
         image_pooling: add the global-average branch.
         separable: depthwise-separable 3x3 branches (TF aspp_with_separable_conv).
+        window, stride: the image-pooling windows (`pooling_window`; None: global).
+        align_corners: resize the pooled map as TF does (tf_compat).
     """
 
     def __init__(
@@ -91,13 +133,16 @@ class ASPP(nn.Module):
         rates: list[int],
         image_pooling: bool = True,
         separable: bool = False,
+        window: tuple[int, int] | None = None,
+        stride: tuple[int, int] = (1, 1),
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         branches: list[nn.Module] = [conv_bn_relu(in_channels, out_channels, 1)]
         for rate in rates:
             branches.append(conv3x3(in_channels, out_channels, rate, separable))
         if image_pooling:
-            branches.append(ImagePooling(in_channels, out_channels))
+            branches.append(ImagePooling(in_channels, out_channels, window, stride, align_corners))
         self.branches = nn.ModuleList(branches)
         self.project = conv_bn_relu(len(branches) * out_channels, out_channels, 1)
 

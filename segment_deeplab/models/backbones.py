@@ -33,6 +33,32 @@ VARIANTS: dict[str, str] = {
     "mobilenet_v2": "mobilenetv2_100",
     "mobilenet_v3_large": "mobilenetv3_large_100",
     "mobilenet_v3_small": "mobilenetv3_small_100",
+    # TF DeepLab's segmentation MobileNetV3s (see MOBILENET_V3_SEG); no timm weights.
+    "mobilenet_v3_large_seg": "mobilenetv3_large_seg",
+    "mobilenet_v3_small_seg": "mobilenetv3_small_seg",
+}
+
+# TF DeepLab's feature_extractor.mobilenet_v3_{large,small}_seg: slim's V3_LARGE and
+# V3_SMALL with the last stage and the final 1x1 conv at half width (and the first unit
+# of that stage expanding by 3, not 6), as timm block strings.
+_V3_LARGE_STEM = [
+    ["ds_r1_k3_s1_e1_c16_nre"],
+    ["ir_r1_k3_s2_e4_c24_nre", "ir_r1_k3_s1_e3_c24_nre"],
+    ["ir_r3_k5_s2_e3_c40_se0.25_nre"],
+    ["ir_r1_k3_s2_e6_c80", "ir_r1_k3_s1_e2.5_c80", "ir_r2_k3_s1_e2.3_c80"],
+    ["ir_r2_k3_s1_e6_c112_se0.25"],
+]
+_V3_SMALL_STEM = [
+    ["ds_r1_k3_s2_e1_c16_se0.25_nre"],
+    ["ir_r1_k3_s2_e4.5_c24_nre", "ir_r1_k3_s1_e3.67_c24_nre"],
+    ["ir_r1_k5_s2_e4_c40_se0.25", "ir_r2_k5_s1_e6_c40_se0.25"],
+    ["ir_r2_k5_s1_e3_c48_se0.25"],
+]
+MOBILENET_V3_SEG = {
+    "mobilenetv3_large_seg": _V3_LARGE_STEM
+    + [["ir_r1_k5_s2_e3_c80_se0.25", "ir_r2_k5_s1_e6_c80_se0.25"], ["cn_r1_k1_s1_c480"]],
+    "mobilenetv3_small_seg": _V3_SMALL_STEM
+    + [["ir_r1_k5_s2_e3_c48_se0.25", "ir_r2_k5_s1_e6_c48_se0.25"], ["cn_r1_k1_s1_c288"]],
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,7 +83,7 @@ def timm_name(variant: str) -> str:
     """Map a TF DeepLab variant (or a timm model name) to a timm model name."""
     if variant in VARIANTS:
         return VARIANTS[variant]
-    if timm.is_model(variant):  # also accepts pretrained tags: resnet50.a1_in1k
+    if timm.is_model(variant) or variant in MOBILENET_V3_SEG:  # also pretrained tags
         return variant
     choices = list(VARIANTS) + timm.list_models()
     hit = difflib.get_close_matches(variant, choices, n=1, cutoff=0.6)
@@ -85,7 +111,10 @@ def create_features(
     # Natively stride-32 models need no output_stride; some constructors reject it.
     kwargs = {} if output_stride == 32 else {"output_stride": output_stride}
     try:
-        body = timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+        if name in MOBILENET_V3_SEG:
+            body = _mobilenet_v3_seg(name, output_stride, pretrained)
+        else:
+            body = timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
     except TypeError as e:
         if "output_stride" not in str(e):
             raise
@@ -111,6 +140,32 @@ def create_features(
             f"supports dilation ({', '.join(VARIANTS)})"
         )
     return body
+
+
+def _mobilenet_v3_seg(name: str, output_stride: int, pretrained: bool) -> nn.Module:
+    """timm's MobileNetV3 feature extractor with TF DeepLab's segmentation layout (the
+    activations, squeeze-excite gates and channel rounding of timm's mobilenetv3_*_100)."""
+    from functools import partial
+
+    from timm.layers import get_act_layer
+    from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models._efficientnet_builder import decode_arch_def, round_channels
+    from timm.models.mobilenetv3 import MobileNetV3Features
+
+    if pretrained:
+        raise ModelError(
+            f"timm has no pretrained weights for '{name}' (TF DeepLab's segmentation "
+            "MobileNetV3): start from a TF checkpoint (model.init_checkpoint=CKPT.index, "
+            "or `deeplab import-tf`), or use mobilenet_v3_large / mobilenet_v3_small"
+        )
+    se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU,
+                 rd_round_fn=round_channels)  # fmt: skip
+    return MobileNetV3Features(
+        decode_arch_def(MOBILENET_V3_SEG[name]),
+        output_stride=output_stride,
+        act_layer=get_act_layer("hard_swish"),
+        se_layer=se,
+    )
 
 
 def same_padding(module: nn.Module) -> None:
@@ -150,6 +205,33 @@ def low_level_index(spec: FeatureSpec, decoder_output_stride: int, name: str) ->
         f"backbone '{name}' has no feature at decoder_output_stride {decoder_output_stride} "
         f"(feature strides: {spec.reductions}); use one of {have}, or null for DeepLab v3"
     )
+
+
+def q_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """TF's hard sigmoid in mobilenet_v3 and DeepLab (utils.q_sigmoid): relu6(x + 3) *
+    0.16667, which is not quite 1 / 6: timm's hardsigmoid differs by 2e-5 a gate."""
+    return torch.nn.functional.relu6(x + 3.0) * 0.16667
+
+
+class QSigmoid(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q_sigmoid(x)
+
+
+def tf_squeeze_excite(body: nn.Module) -> None:
+    """TF's gate in every squeeze-excite of a timm MobileNetV3 (in place)."""
+    for m in body.modules():
+        if hasattr(m, "conv_reduce") and hasattr(m, "gate"):
+            m.gate = QSigmoid()
+
+
+def mobilenet_depthwise_output(body: nn.Module, layer: int) -> nn.Module:
+    """The batch norm (with its activation) after the depthwise conv of slim's layer_K
+    (K counts from 1, the stem conv being layer_1) in a timm MobileNet: its output is
+    TF's layer_K/depthwise_output."""
+    units = [unit for stage in body.blocks for unit in stage]
+    unit = units[layer - 2]
+    return unit.bn2 if hasattr(unit, "conv_pwl") else unit.bn1  # inverted residual or not
 
 
 class Subsample(nn.Module):

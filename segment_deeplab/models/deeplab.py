@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segment_deeplab.config import ModelConfig
-from segment_deeplab.models.aspp import ASPP, conv3x3, conv_bn_relu
+from segment_deeplab.models.aspp import ASPP, conv3x3, conv_bn_relu, pooling_window
 from segment_deeplab.models.backbones import (
     FeatureSpec,
     ModelError,
@@ -23,11 +23,21 @@ from segment_deeplab.models.backbones import (
     is_bottleneck_resnet,
     is_xception,
     low_level_index,
+    mobilenet_depthwise_output,
     tf_resnet_layout,
+    tf_squeeze_excite,
     timm_name,
 )
 
 OUTPUT_STRIDES = (8, 16, 32)
+HEADS = ("aspp", "lraspp")
+# TF DeepLab's decoder end points of the mobilenets (feature_extractor.py's
+# networks_to_feature_maps): decoder_output_stride -> K of layer_K/depthwise_output.
+TF_MOBILENET_END_POINTS = {
+    "mobilenetv2_100": {4: 4, 8: 7, 16: 14},
+    "mobilenetv3_large_seg": {4: 4, 8: 7, 16: 13},
+    "mobilenetv3_small_seg": {4: 2, 8: 4, 16: 9},
+}
 
 
 def default_atrous_rates(output_stride: int) -> list[int]:
@@ -57,6 +67,17 @@ def check_config(cfg: ModelConfig) -> None:
             f"model.logit_bias has {len(cfg.logit_bias)} values for {cfg.num_classes} classes; "
             "give one per class, or null"
         )
+    if cfg.head not in HEADS:
+        raise ModelError(f"model.head={cfg.head!r}; use one of {', '.join(HEADS)}")
+    if cfg.head == "lraspp" and dos is None:
+        raise ModelError(
+            "model.head=lraspp sums the logits of two feature maps: set "
+            "model.decoder_output_stride (TF DeepLab's mobilenet_v3 models: 8)"
+        )
+    for key in ("image_pooling_crop_size", "image_pooling_stride"):
+        v = getattr(cfg, key)
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise ModelError(f"model.{key}={v}: give [height, width], each 1 or more")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     for key in ("aspp_channels", "decoder_channels", "low_level_channels"):
@@ -181,6 +202,8 @@ class DeepLabV3(nn.Module):
         spec = feature_spec(self.backbone)
         if cfg.tf_compat and is_bottleneck_resnet(self.backbone):
             tf_resnet_layout(self.backbone, cfg.output_stride)
+        if same:
+            tf_squeeze_excite(self.backbone)
         if cfg.tf_compat:
             spec.mean, spec.std = tf_input_scaling(self.backbone)
             kind = next((k for k in TF_BACKBONE_EPS if k in self.timm_name), None)
@@ -191,13 +214,7 @@ class DeepLabV3(nn.Module):
         # torchvision would otherwise lack them.
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        self.aspp = ASPP(
-            spec.channels[-1],
-            cfg.aspp_channels,
-            self.atrous_rates,
-            cfg.image_pooling,
-            self.separable,
-        )
+        self.aspp = self._build_aspp(spec)
         # Stride of the classifier's input: the decoder's in v3+, the output stride in v3.
         self.head_stride = cfg.output_stride
         head_channels = self._build_decoder(spec)
@@ -218,6 +235,19 @@ class DeepLabV3(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
+    def _build_aspp(self, spec: FeatureSpec) -> nn.Module:
+        cfg = self.cfg
+        return ASPP(
+            spec.channels[-1],
+            cfg.aspp_channels,
+            self.atrous_rates,
+            cfg.image_pooling,
+            self.separable,
+            pooling_window(cfg.image_pooling_crop_size, cfg.output_stride),
+            tuple(cfg.image_pooling_stride),
+            align_corners=cfg.tf_compat,
+        )
+
     def _build_decoder(self, spec: FeatureSpec) -> int:
         """Create the decoder (none in v3); return the classifier's input channels."""
         return self.cfg.aspp_channels
@@ -225,14 +255,17 @@ class DeepLabV3(nn.Module):
     def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> logits (B, num_classes, H, W)."""
-        size = x.shape[-2:]
-        features = self.backbone((x - self.mean) / self.std)
+    def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The backbone's features -> logits at `head_stride`."""
         # Dropout after the ASPP projection, where TF DeepLab has it (keep_prob 0.9): at
         # the output stride it costs a sixteenth of what it would at the decoder's.
         y = self.dropout(self.aspp(features[-1]))  # (B, aspp_channels, H/os, W/os)
-        y = self.classifier(self.decode(y, features))
+        return self.classifier(self.decode(y, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> logits (B, num_classes, H, W)."""
+        size = x.shape[-2:]
+        y = self.logits(self.backbone((x - self.mean) / self.std))
         if self.logit_bias is not None and not self.training:
             y = y + self.logit_bias
         # In fp32: under bf16 autocast the CPU's bilinear kernel is slower in bf16 (11%
@@ -247,10 +280,9 @@ class DeepLabV3Plus(DeepLabV3):
         cfg = self.cfg
         if cfg.decoder_output_stride is None:
             raise ModelError("DeepLabV3Plus needs model.decoder_output_stride (TF default: 4)")
-        self.low_index = low_level_index(spec, cfg.decoder_output_stride, self.timm_name)
         self.decoder = Decoder(
             cfg.aspp_channels,
-            spec.channels[self.low_index],
+            self._low_level(spec),
             cfg.low_level_channels,
             cfg.decoder_channels,
             self.separable,
@@ -258,14 +290,23 @@ class DeepLabV3Plus(DeepLabV3):
             convs=cfg.decoder_convs,
             tf_compat=cfg.tf_compat,
         )
+        init_head(self.decoder)
+        return cfg.decoder_channels
+
+    def _low_level(self, spec: FeatureSpec) -> int:
+        """Choose the decoder's low-level features (TF DeepLab's end point under
+        tf_compat); return their channels."""
+        cfg = self.cfg
+        self.low_index = low_level_index(spec, cfg.decoder_output_stride, self.timm_name)
         self.head_stride = cfg.decoder_output_stride
         self._pre_act: list[torch.Tensor] = []
         if cfg.tf_compat and is_xception(self.timm_name):
             self._tap_before_activation()
         elif cfg.tf_compat and is_bottleneck_resnet(self.backbone):
             self._tap_resnet_end_point()
-        init_head(self.decoder)
-        return cfg.decoder_channels
+        elif cfg.tf_compat and self.timm_name in TF_MOBILENET_END_POINTS:
+            return self._tap_mobilenet_end_point()
+        return spec.channels[self.low_index]
 
     def _tap_before_activation(self) -> None:
         """TF DeepLab's xception decoder end point (entry_flow/block2/.../
@@ -290,7 +331,26 @@ class DeepLabV3Plus(DeepLabV3):
         # A copy: the unit adds the shortcut to this tensor in place.
         bn3.register_forward_hook(lambda _m, _args, out: self._pre_act.append(out.clone()))
 
-    def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    def _tap_mobilenet_end_point(self) -> int:
+        """TF DeepLab's mobilenet decoder end points are inner tensors, layer_K/
+        depthwise_output: a unit's depthwise conv after its batch norm and activation
+        (before squeeze-excite and the projection). Returns their channels."""
+        points = TF_MOBILENET_END_POINTS[self.timm_name]
+        dos = self.cfg.decoder_output_stride
+        if dos not in points:
+            raise ModelError(
+                f"TF DeepLab's {self.cfg.model_variant} decoder reads output stride "
+                f"{', '.join(map(str, points))}: set model.decoder_output_stride to one of them"
+            )
+        bn = mobilenet_depthwise_output(self.backbone, points[dos])
+        bn.register_forward_hook(lambda _m, _args, out: self._pre_act.append(out.clone()))
+        return bn.num_features
+
+    def low_level(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's low-level features of this forward pass."""
         low = self._pre_act.pop() if self._pre_act else features[self.low_index]
         self._pre_act.clear()
-        return self.decoder(x, low)
+        return low
+
+    def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder(x, self.low_level(features))

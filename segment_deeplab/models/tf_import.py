@@ -11,6 +11,8 @@ mobilenet_v2) map to the model's modules:
         shortcut                                backbone.blocks_N.shortcut
     MobilenetV2/Conv, expanded_conv[_K]/{expand,depthwise,project}
                                                 backbone.conv_stem, backbone.blocks.S.I.*
+    MobilenetV3/..., expanded_conv_K/squeeze_excite/Conv[_1], Conv_1
+                                                ... .se.conv_{reduce,expand}, the last 1x1
     aspp0, aspp{i}[_depthwise|_pointwise]       aspp.branches.{0,i}
     image_pooling                               aspp.branches[-1]
     concat_projection                           aspp.project (its input blocks reordered:
@@ -18,6 +20,12 @@ mobilenet_v2) map to the model's modules:
     decoder/feature_projection0                 decoder.project
     decoder/decoder_conv{0,1}_*                 decoder.fuse.{0,1}
     logits/semantic                             classifier
+
+TF DeepLab's mobilenet_v3 head (model.head=lraspp, models/lraspp.py) maps as
+
+    aspp0, image_pooling (a gate, with biases)  aspp.branch, aspp.gate
+    decoder/feature_projection0                 decoder (the low-level logits)
+    decoder/decoder_conv0                       classifier (decoder_output_is_logits)
 
 Kernels go from TF's HWIO to PyTorch's OIHW (depthwise HW-C-1 to C-1-HW); batch norm
 takes gamma (1 when TF had scale=False), beta and the moving statistics; the epsilons
@@ -46,7 +54,13 @@ BACKBONE_SCOPES = {
     "resnet_v1_50_beta": "resnet_v1_50",
     "resnet_v1_101": "resnet_v1_101",
     "resnet_v1_101_beta": "resnet_v1_101",
+    "mobilenet_v3_large_seg": "MobilenetV3",
+    "mobilenet_v3_small_seg": "MobilenetV3",
 }
+# The flags of TF DeepLab's mobilenet_v3 model zoo (g3doc/model_zoo.md) that no
+# variable records: output stride, and the image-pooling windows of the gate.
+LRASPP_ZOO = {"output_stride": 32, "image_pooling_crop_size": [769, 769],
+              "image_pooling_stride": [4, 5]}  # fmt: skip
 # Xception: (flow, block) of each timm block, in order
 _XCEPTION_FLOWS = {
     "xception_41": [("entry_flow", 1), ("entry_flow", 2), ("entry_flow", 3)]
@@ -61,9 +75,6 @@ _XCEPTION_FLOWS = {
 }
 # resnet_v1_50/101: units per block (timm's layer1..layer4)
 _RESNET_UNITS = {"resnet_v1_50": [3, 4, 6, 3], "resnet_v1_101": [3, 4, 23, 3]}
-# timm mobilenetv2_100: blocks per stage (17 inverted residuals, the first without
-# expansion), as TF's expanded_conv, expanded_conv_1 ... expanded_conv_16
-_MOBILENET_V2_STAGES = [1, 2, 3, 4, 3, 3, 1]
 BN_KEYS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
            "moving_variance": "running_var"}  # fmt: skip
 
@@ -117,22 +128,43 @@ def _resnet_layers(variant: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _mobilenet_v2_layers() -> list[tuple[str, str, str]]:
-    out = [("MobilenetV2/Conv", "backbone.conv_stem", "backbone.bn1")]
+def _mobilenet_layers(scope: str, body: torch.nn.Module) -> list[tuple[str, str, str | None]]:
+    """slim's mobilenet (v2, v3) over timm's blocks: Conv (the stem), expanded_conv,
+    expanded_conv_1, ... ({expand,} depthwise, project, squeeze_excite/Conv{,_1}), and
+    v3's last 1x1 conv, Conv_1. A batch-norm prefix of None: a conv with biases."""
+    out: list[tuple[str, str, str | None]] = [
+        (f"{scope}/Conv", "backbone.conv_stem", "backbone.bn1")
+    ]
     k = 0
-    for stage, count in enumerate(_MOBILENET_V2_STAGES):
-        for i in range(count):
-            tf = "MobilenetV2/expanded_conv" + (f"_{k}" if k else "")
-            ours = f"backbone.blocks.{stage}.{i}"
-            if k == 0:  # no expansion: depthwise, then project
-                out += [(f"{tf}/depthwise", f"{ours}.conv_dw", f"{ours}.bn1"),
-                        (f"{tf}/project", f"{ours}.conv_pw", f"{ours}.bn2")]  # fmt: skip
-            else:
+    for s, stage in enumerate(body.blocks):
+        for i, unit in enumerate(stage):
+            ours = f"backbone.blocks.{s}.{i}"
+            if not hasattr(unit, "conv_dw"):  # timm's ConvBnAct: v3's final 1x1 conv
+                out.append((f"{scope}/Conv_1", f"{ours}.conv", f"{ours}.bn1"))
+                continue
+            tf = f"{scope}/expanded_conv" + (f"_{k}" if k else "")
+            k += 1
+            if hasattr(unit, "conv_pwl"):  # inverted residual: expand, depthwise, project
                 out += [(f"{tf}/expand", f"{ours}.conv_pw", f"{ours}.bn1"),
                         (f"{tf}/depthwise", f"{ours}.conv_dw", f"{ours}.bn2"),
                         (f"{tf}/project", f"{ours}.conv_pwl", f"{ours}.bn3")]  # fmt: skip
-            k += 1
+            else:  # no expansion (TF's inner size = the input's): depthwise, project
+                out += [(f"{tf}/depthwise", f"{ours}.conv_dw", f"{ours}.bn1"),
+                        (f"{tf}/project", f"{ours}.conv_pw", f"{ours}.bn2")]  # fmt: skip
+            if hasattr(unit.se, "conv_reduce"):
+                se = f"{tf}/squeeze_excite/Conv"
+                out += [(se, f"{ours}.se.conv_reduce", None),
+                        (f"{se}_1", f"{ours}.se.conv_expand", None)]  # fmt: skip
     return out
+
+
+def _lraspp_layers() -> list[tuple[str, str, str | None]]:
+    return [
+        ("aspp0", "aspp.branch.0", "aspp.branch.1"),
+        ("image_pooling", "aspp.gate", None),
+        ("decoder/feature_projection0", "decoder", None),
+        ("decoder/decoder_conv0", "classifier", None),
+    ]
 
 
 def _head_layers(rates: int, separable: bool, pooling: bool, decoder: bool) -> list:
@@ -181,9 +213,44 @@ def tf_variant(variant: str) -> str:
     return same[0]
 
 
-def model_config(tensors: dict, variant: str, num_classes: int | None, output_stride: int):
+def _decoder_stride(variant: str, channels: int, output_stride: int) -> int:
+    """The decoder_output_stride whose TF end point has `channels` (read off
+    decoder/feature_projection0): the mobilenets' differ per stride; 4 for the others."""
+    from segment_deeplab.models.backbones import (
+        create_features,
+        mobilenet_depthwise_output,
+        timm_name,
+    )
+    from segment_deeplab.models.deeplab import TF_MOBILENET_END_POINTS
+
+    name = timm_name(variant)
+    if name not in TF_MOBILENET_END_POINTS:
+        return 4
+    body = create_features(name, output_stride)
+    points = TF_MOBILENET_END_POINTS[name]
+    for dos, layer in sorted(points.items()):
+        if mobilenet_depthwise_output(body, layer).num_features == channels:
+            return dos
+    raise ModelError(
+        f"decoder/feature_projection0 takes {channels} channels, which no {variant} end "
+        f"point has (TF's decoder_output_stride {', '.join(map(str, points))}): check "
+        "--model-variant"
+    )
+
+
+def model_config(
+    tensors: dict,
+    variant: str,
+    num_classes: int | None,
+    output_stride: int | None = None,
+    image_pooling_crop_size: list[int] | None = None,
+    image_pooling_stride: list[int] | None = None,
+) -> ModelConfig:
     """The ModelConfig of the network a TF DeepLab checkpoint holds (its head read off
-    the variables present), with tf_compat on."""
+    the variables present), with tf_compat on. What no variable records (the output
+    stride, the image-pooling windows) is the caller's, else TF's defaults: output
+    stride 16, and for the mobilenet_v3 head its model zoo's flags (LRASPP_ZOO). An
+    image_pooling_crop_size of [] pools the whole image."""
     if variant not in BACKBONE_SCOPES:
         raise ModelError(
             f"--model-variant {variant}: TF checkpoints import for {', '.join(BACKBONE_SCOPES)}"
@@ -195,14 +262,20 @@ def model_config(tensors: dict, variant: str, num_classes: int | None, output_st
             f"no {scope}/ variables in the checkpoint (it holds {', '.join(found)}); give "
             "the --model-variant it was trained with"
         )
-    separable = "aspp1_depthwise/depthwise_weights" in tensors or (
-        "decoder/decoder_conv0_depthwise/depthwise_weights" in tensors
-    )
-    rates = sum(1 for i in (1, 2, 3) if f"aspp{i}_depthwise/depthwise_weights" in tensors
-                or f"aspp{i}/weights" in tensors)  # fmt: skip
-    has_logits = "logits/semantic/weights" in tensors
-    if has_logits:
-        found = int(tensors["logits/semantic/weights"].shape[-1])
+    has_head = "aspp0/weights" in tensors
+    # aspp_with_squeeze_and_excitation: image pooling is a gate (biases, no batch norm)
+    gated = "image_pooling/biases" in tensors
+    lraspp = gated or (not has_head and variant.startswith("mobilenet_v3"))
+    if gated and ("concat_projection/weights" in tensors or "logits/semantic/weights" in tensors
+                  or "decoder/decoder_conv0/biases" not in tensors):  # fmt: skip
+        raise ModelError(
+            "the checkpoint's head gates ASPP with image pooling but is not TF DeepLab's "
+            "mobilenet_v3 head (aspp_with_concat_projection=0, decoder_use_sum_merge=1, "
+            "decoder_output_is_logits=1), the one gated head that imports"
+        )
+    logits = "decoder/decoder_conv0/weights" if lraspp else "logits/semantic/weights"
+    if logits in tensors:
+        found = int(tensors[logits].shape[-1])
         if num_classes is not None and num_classes != found:
             raise ModelError(
                 f"the checkpoint's logits have {found} classes, not --num-classes "
@@ -211,20 +284,40 @@ def model_config(tensors: dict, variant: str, num_classes: int | None, output_st
         num_classes = found
     if num_classes is None:
         raise ModelError("the checkpoint has no logits (a backbone only): give --num-classes N")
-    has_head = "aspp0/weights" in tensors
-    decoder = "decoder/feature_projection0/weights" in tensors or (
-        not has_head and variant.startswith("xception")
+    zoo = LRASPP_ZOO if lraspp else {"output_stride": 16}
+    output_stride = output_stride or zoo["output_stride"]
+    if image_pooling_crop_size is None:
+        image_pooling_crop_size = zoo.get("image_pooling_crop_size")
+    image_pooling_crop_size = image_pooling_crop_size or None  # []: the whole image
+    image_pooling_stride = image_pooling_stride or zoo.get("image_pooling_stride", [1, 1])
+    separable = "aspp1_depthwise/depthwise_weights" in tensors or (
+        "decoder/decoder_conv0_depthwise/depthwise_weights" in tensors
     )
+    rates = sum(1 for i in (1, 2, 3) if f"aspp{i}_depthwise/depthwise_weights" in tensors
+                or f"aspp{i}/weights" in tensors)  # fmt: skip
+    decoder = "decoder/feature_projection0/weights" in tensors or (
+        not has_head and (variant.startswith("xception") or lraspp)
+    )
+    dos = None
+    if "decoder/feature_projection0/weights" in tensors:
+        channels = int(tensors["decoder/feature_projection0/weights"].shape[-2])
+        dos = _decoder_stride(variant, channels, output_stride)
+    elif decoder:
+        dos = 8 if lraspp else 4
     base = [6, 12, 18]
+    aspp_channels = int(tensors["aspp0/weights"].shape[-1]) if has_head else 256
     return ModelConfig(
         model_variant=variant,
         num_classes=num_classes,
         output_stride=output_stride,
         atrous_rates=[r * 16 // output_stride for r in base[:rates]] if has_head else None,
-        decoder_output_stride=4 if decoder else None,
+        decoder_output_stride=dos,
         image_pooling="image_pooling/weights" in tensors or not has_head,
         separable=separable if has_head else None,
-        aspp_channels=int(tensors["aspp0/weights"].shape[-1]) if has_head else 256,
+        aspp_channels=aspp_channels if has_head or not lraspp else 128,
+        head="lraspp" if lraspp else "aspp",
+        image_pooling_crop_size=image_pooling_crop_size,
+        image_pooling_stride=list(image_pooling_stride),
         tf_compat=True,
     )
 
@@ -243,9 +336,12 @@ def convert(tensors: dict, model: torch.nn.Module, strict: bool = True) -> Impor
     elif variant.startswith("resnet"):
         layers = _resnet_layers(variant)
     else:
-        layers = _mobilenet_v2_layers()
-    layers += _head_layers(rates, bool(model.separable), cfg.image_pooling,
-                           hasattr(model, "decoder"))  # fmt: skip
+        layers = _mobilenet_layers(BACKBONE_SCOPES[variant], model.backbone)
+    if cfg.head == "lraspp":
+        layers += _lraspp_layers()
+    else:
+        layers += _head_layers(rates, bool(model.separable), cfg.image_pooling,
+                               hasattr(model, "decoder"))  # fmt: skip
     state = model.state_dict()
     used: set[str] = set()
     filled: set[str] = set()
@@ -259,6 +355,13 @@ def convert(tensors: dict, model: torch.nn.Module, strict: bool = True) -> Impor
             continue
         filled.add(f"{conv}.weight")
         used.update(k for k in (f"{scope}/weights", f"{scope}/depthwise_weights") if k in tensors)
+        name = f"{scope}/biases"
+        has_bias = name in tensors and f"{conv}.bias" in state
+        if has_bias and _put(state, f"{conv}.bias", tensors[name], name, strict):
+            used.add(name)
+            filled.add(f"{conv}.bias")
+        if bn is None:
+            continue
         for tf_key, key in BN_KEYS.items():
             name = f"{scope}/BatchNorm/{tf_key}"
             if name in tensors and _put(state, f"{bn}.{key}", tensors[name], name, strict):
@@ -337,14 +440,22 @@ def describe_left(names: list[str]) -> str:
 
 
 def import_tf(
-    path: str | Path, variant: str, num_classes: int | None = None, output_stride: int = 16
+    path: str | Path,
+    variant: str,
+    num_classes: int | None = None,
+    output_stride: int | None = None,
+    image_pooling_crop_size: list[int] | None = None,
+    image_pooling_stride: list[int] | None = None,
 ) -> tuple[torch.nn.Module, ImportReport]:
-    """The model of a TF DeepLab checkpoint, its weights in place (eval mode)."""
+    """The model of a TF DeepLab checkpoint, its weights in place (eval mode); see
+    `model_config` for the settings no variable records."""
     from segment_deeplab.models import build_model
     from segment_deeplab.models.tf_checkpoint import read_checkpoint
 
     tensors = read_checkpoint(path)
-    model = build_model(model_config(tensors, variant, num_classes, output_stride))
+    cfg = model_config(tensors, variant, num_classes, output_stride, image_pooling_crop_size,
+                       image_pooling_stride)  # fmt: skip
+    model = build_model(cfg)
     return model.eval(), convert(tensors, model, strict=True)
 
 

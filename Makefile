@@ -2,19 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
 .PHONY: demo test bench bench-quick bench-accuracy lint clean
 
-$(STAMP): pyproject.toml
+# The package and its own dependencies: all the demo needs.
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e .
+	touch $(CORE)
+
+# Plus what the tests and the other targets use (the dev extra: the peer, the servers,
+# the optional formats' libraries).
+$(STAMP): $(CORE)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
 # TensorFlow writes the fixtures of the TFRecord tests (the code under test never imports

@@ -147,3 +147,19 @@ def test_wrong_variant_and_missing_files_are_named(tf_root, tmp_path, capsys):
     assert main([*missing, "--output", str(out)]) == 2
     assert "none.ckpt" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_training_from_a_tf_mobilenet_v3_keeps_its_head(tf_root, tmp_path, capsys):
+    ref = reference("mobilenet_v3_large_seg", tf_root)
+    data = make_dataset(tmp_path / "ds")  # 4 classes: new logits, the rest from TF
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--output", str(run), "--no-progress", "--steps", "1"]
+    argv += ["--init-checkpoint", str(ref / "model.ckpt.index"), *SMALL]
+    argv += ["model.model_variant=mobilenet_v3_large_seg", "model.output_stride=32"]
+    assert main([*argv, "data.batch_size=2"]) == 0
+    said = capsys.readouterr().out
+    assert "model.head=lraspp" in said and "model.decoder_output_stride=8" in said
+    assert "the head is new" in said
+    cfg = load_file(run / "last.pt")["config"]["model"]
+    assert cfg["head"] == "lraspp" and cfg["aspp_channels"] == 128 and cfg["tf_compat"]
+    assert cfg["image_pooling_crop_size"] == [769, 769]

@@ -459,6 +459,31 @@ def import_tf(
     return model.eval(), convert(tensors, model, strict=True)
 
 
+def lraspp_settings(path: str | Path, cfg: ModelConfig) -> dict | None:
+    """The model settings that training from a checkpoint with TF DeepLab's mobilenet_v3
+    head needs to keep that head (model.head=lraspp, the decoder's stride and channels
+    read off the checkpoint, the zoo's pooling windows unless set), or None for a
+    checkpoint without that head or a model of another variant."""
+    from segment_deeplab.models.tf_checkpoint import list_checkpoint
+
+    if cfg.model_variant not in ("mobilenet_v3_large_seg", "mobilenet_v3_small_seg"):
+        return None
+    shapes = list_checkpoint(path)
+    if "image_pooling/biases" not in shapes or "decoder/feature_projection0/weights" not in shapes:
+        return None
+    channels = int(shapes["decoder/feature_projection0/weights"][1][-2])
+    out = {
+        "head": "lraspp",
+        "decoder_output_stride": _decoder_stride(cfg.model_variant, channels, cfg.output_stride),
+        "aspp_channels": int(shapes["aspp0/weights"][1][-1]),
+        "atrous_rates": [],
+    }
+    if cfg.image_pooling_crop_size is None:
+        out["image_pooling_crop_size"] = LRASPP_ZOO["image_pooling_crop_size"]
+        out["image_pooling_stride"] = LRASPP_ZOO["image_pooling_stride"]
+    return out
+
+
 def init_from_tf(model: torch.nn.Module, path: str | Path) -> ImportReport:
     """Training's `--init-checkpoint CKPT.index`: whatever of the checkpoint fits the
     model (the backbone; the head when its shapes agree)."""

@@ -194,12 +194,20 @@ def _resume_state(out: Path, resume: bool, cfg: Config, spec, info) -> RunState 
 def _tf_arithmetic_for_tf_weights(cfg: Config) -> None:
     """Weights trained in TF DeepLab keep its arithmetic (model.tf_compat): padding,
     input scaling and resizes they were trained with."""
-    from segment_deeplab.models.tf_import import is_tf_checkpoint
+    from segment_deeplab.models.tf_import import is_tf_checkpoint, lraspp_settings
 
     init = cfg.model.init_checkpoint
-    if init and not cfg.model.tf_compat and is_tf_checkpoint(init):
+    if not init or not is_tf_checkpoint(init):
+        return
+    if not cfg.model.tf_compat:
         cfg.model.tf_compat = True
         print("model.tf_compat=true: the init checkpoint is TF DeepLab's, and so is its arithmetic")
+    head = lraspp_settings(init, cfg.model) if cfg.model.head != "lraspp" else None
+    if head:  # the checkpoint's head, not an ASPP it has no weights for
+        for key, value in head.items():
+            setattr(cfg.model, key, value)
+        said = " ".join(f"model.{k}={v}".replace(" ", "") for k, v in head.items())
+        print(f"{said}: the init checkpoint has TF DeepLab's mobilenet_v3 head")
 
 
 def _train_data(cfg: Config, spec: DatasetSpec, info: devices.DistInfo):

@@ -215,6 +215,7 @@ def write_streamed(path: Path, h: int, w: int, extratags=()) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci_only  # a minute and a half: CI runs it, `make test` keeps under 10 minutes
 def test_12k_geotiff_in_flat_memory(tmp_path, run) -> None:
     size = 12_000
     src, out = tmp_path / "big.tif", tmp_path / "big_mask.tif"

@@ -380,6 +380,7 @@ def test_unexpected_failures_are_one_line_and_debug_shows_more(capsys, monkeypat
 
 # --------------------------------------------------------------------------- kill -9
 @pytest.mark.slow
+@pytest.mark.ci_only  # a minute and a half of killed runs: CI runs it, `make test` not
 def test_kill_9_at_random_points_then_resume_ends_as_an_uninterrupted_run(dataset, tmp_path):
     """Training killed with SIGKILL 10 times at random moments (checkpoints are written
     every step, so some kills land inside a write), resumed each time: the weights equal

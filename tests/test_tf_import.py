@@ -164,3 +164,29 @@ def test_training_from_a_tf_mobilenet_v3_keeps_its_head(tf_root, tmp_path, capsy
     cfg = load_file(run / "last.pt")["config"]["model"]
     assert cfg["head"] == "lraspp" and cfg["aspp_channels"] == 128 and cfg["tf_compat"]
     assert cfg["image_pooling_crop_size"] == [769, 769]
+
+
+@pytest.mark.ci_only  # the ONNX export takes a minute and more
+def test_an_imported_mobilenet_v3_exports_to_onnx_at_any_batch_and_size(tf_root, tmp_path, capsys):
+    """Pooling windows, TF's SAME padding and the gate's resize follow the input in the
+    exported graph: parity holds at a batch of 2 and sizes other than the traced one."""
+    ref = reference("mobilenet_v3_large_seg", tf_root)
+    pt = tmp_path / "m.pt"
+    argv = ["import-tf", str(ref / "model.ckpt"), "--model-variant", "mobilenet_v3_large_seg"]
+    assert main([*argv, "--output", str(pt), *IMPORT_ARGS["mobilenet_v3_large_seg"]]) == 0
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(pt), "--output", str(out)]) == 0
+    assert "parity ok" in capsys.readouterr().out and out.is_file()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model, _, _ = load_model(pt)
+    data = np.load(ref / "reference.npz")
+    image = data["image_257x321"].astype(np.float32) / 255.0
+    x = np.concatenate([image, image[:, ::-1]]).transpose(0, 3, 1, 2).copy()  # batch 2
+    got = sess.run(None, {"image": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    tf_logits = data["logits_257x321"].transpose(0, 3, 1, 2)
+    assert np.abs(got[:1] - tf_logits).max() < 1e-3 * np.abs(tf_logits).max()

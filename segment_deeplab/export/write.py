@@ -88,6 +88,22 @@ OPSETS = range(11, 24)
 TRACE_SIZE = (128, 160)  # example input; the parity sizes differ, to prove dynamic shapes
 
 
+def trace_size(model: nn.Module) -> tuple[int, int]:
+    """TRACE_SIZE, or larger where the model's image-pooling windows need it: traced
+    where they give a single pooled row or column, torch.export keeps that one for
+    every input size. Two windows per axis, at the output stride."""
+    from segment_deeplab.models.aspp import pooling_window
+
+    cfg = getattr(model, "cfg", None)
+    window = pooling_window(getattr(cfg, "image_pooling_crop_size", None), cfg.output_stride)
+    if window is None:
+        return TRACE_SIZE
+    need = [
+        (k + s) * cfg.output_stride for k, s in zip(window, cfg.image_pooling_stride, strict=True)
+    ]
+    return max(TRACE_SIZE[0], need[0]), max(TRACE_SIZE[1], need[1])
+
+
 class DeployModel(nn.Module):
     """A segmentation model with optional baked pre-processing and argmax.
 
@@ -389,7 +405,12 @@ def export(
     meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)
     batches, source = parity_images(data, spec)
     g = torch.Generator().manual_seed(0)
-    example = as_input(synthetic_images(1, *TRACE_SIZE, g), preprocessing)
+    trace = trace_size(model)
+    # Two images: with one, torch.export may take the batch for a constant 1 (its 0/1
+    # specialisation) wherever an op broadcasts over it, and fix it so in the graph.
+    example = as_input(synthetic_images(2, *trace, g), preprocessing)
+    if trace != TRACE_SIZE:  # and a size with several pooling windows, odd, untraced
+        batches.append(synthetic_images(1, trace[0] + 17, trace[1] + 33, g))
 
     parity: Parity | None = None
     side = sidecar_path(output, fmt) if fmt in TWO_FILES else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # TF DeepLab `model_variant` -> timm model name. Any timm name that supports
 # features_only works too (e.g. efficientnet_b0, resnet50.a1_in1k).
@@ -168,14 +169,31 @@ def _mobilenet_v3_seg(name: str, output_stride: int, pretrained: bool) -> nn.Mod
     )
 
 
+class Conv2dSame(nn.Conv2d):
+    """A strided conv padded as TensorFlow's SAME: the total padding is
+    k - s + (-n mod s) on an axis of n pixels (kernel k, dilation included, stride s;
+    never negative here, k >= s), the odd pixel after. timm's Conv2dSame gives the same
+    numbers from ceil() and max(); this integer form keeps torch.export's symbolic
+    shapes simple (an ONNX export of a mobilenet took minutes with it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for axis in (1, 0):  # F.pad takes the last axis first
+            k = (self.kernel_size[axis] - 1) * self.dilation[axis] + 1
+            s = self.stride[axis]
+            total = k - s + (-x.shape[2 + axis]) % s
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0,
+                        self.dilation, self.groups)  # fmt: skip
+
+
 def same_padding(module: nn.Module) -> None:
     """Strided convolutions padded as TensorFlow's SAME padding does: the padding a
     stride-2 3x3 conv needs on an even size goes after the image, not before (PyTorch
     pads both sides alike, TF's stride-1 SAME does too, so only strided convs change)."""
-    from timm.layers import Conv2dSame
-
     for name, child in module.named_children():
-        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and max(child.kernel_size) > 1:
+        conv = isinstance(child, nn.Conv2d) and max(child.stride) > 1
+        if conv and max(child.kernel_size) > 1 and min(child.kernel_size) >= max(child.stride):
             same = Conv2dSame(
                 child.in_channels, child.out_channels, child.kernel_size, child.stride,
                 0, child.dilation, child.groups, child.bias is not None,

@@ -94,8 +94,8 @@ def trace_size(model: nn.Module) -> tuple[int, int]:
     every input size. Two windows per axis, at the output stride."""
     from segment_deeplab.models.aspp import pooling_window
 
-    cfg = getattr(model, "cfg", None)
-    window = pooling_window(getattr(cfg, "image_pooling_crop_size", None), cfg.output_stride)
+    cfg = model.cfg
+    window = pooling_window(cfg.image_pooling_crop_size, cfg.output_stride)
     if window is None:
         return TRACE_SIZE
     need = [

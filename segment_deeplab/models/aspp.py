@@ -73,26 +73,6 @@ def _window_means(n, k: int, stride: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / k
 
 
-def _corner_resize(n_in, n_out, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in): bilinear weights with align_corners=True (TF's resize_bilinear)."""
-    pos = torch.arange(n_out, device=like.device, dtype=like.dtype)
-    pos = pos * (n_in - 1) / torch.sym_max(n_out - 1, 1)
-    lo = pos.floor().clamp(max=n_in - 1)
-    frac = (pos - lo)[:, None]
-    src = torch.arange(n_in, device=like.device, dtype=like.dtype)[None, :]
-    hi = (lo + 1).clamp(max=n_in - 1)
-    return (src == lo[:, None]).to(like.dtype) * (1 - frac) + (src == hi[:, None]) * frac
-
-
-def resize_pooled(y: torch.Tensor, size) -> torch.Tensor:
-    """A pooled map (B, C, i, j) resized to `size` with align_corners=True, as two matrix
-    products: F.interpolate special-cases a map of one row or column, and an export
-    traced where the windows give one would keep that branch for every size."""
-    rows = _corner_resize(y.shape[-2], size[0], y)  # (H, i)
-    cols = _corner_resize(y.shape[-1], size[1], y)  # (W, j)
-    return rows @ y @ cols.transpose(0, 1)
-
-
 def image_pool(x: torch.Tensor, window: tuple[int, int] | None, stride) -> torch.Tensor:
     """Average over `window` moved by `stride` (TF's avg_pool2d, VALID), or over the
     whole map (`window` None). A map smaller than the window (an image smaller than the
@@ -129,8 +109,6 @@ class ImagePooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         y = self.conv(image_pool(x, self.window, self.stride))  # (B, C, 1, 1) unless windows
-        if self.window is not None and self.align_corners:
-            return resize_pooled(y, size)
         return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segment_deeplab.models.aspp import conv_bn_relu, image_pool, pooling_window, resize_pooled
+from segment_deeplab.models.aspp import conv_bn_relu, image_pool, pooling_window
 from segment_deeplab.models.backbones import FeatureSpec, q_sigmoid
 from segment_deeplab.models.deeplab import DeepLabV3Plus, resize
 
@@ -44,10 +44,7 @@ class GatedASPP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate(image_pool(x, self.window, self.stride))
         g = q_sigmoid(g) if self.tf_compat else F.hardsigmoid(g)
-        if self.window is not None and self.tf_compat:  # TF's resize, export-proof
-            g = resize_pooled(g, x.shape[-2:])
-        else:
-            g = F.interpolate(g, size=x.shape[-2:], mode="bilinear", align_corners=self.tf_compat)
+        g = F.interpolate(g, size=x.shape[-2:], mode="bilinear", align_corners=self.tf_compat)
         return self.branch(x) * g
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,14 @@ from segment_deeplab.data.spec import IMAGE_EXTS, DatasetError
 from segment_deeplab.device import model_device, pick_device
 from segment_deeplab.infer.fold import for_inference
 from segment_deeplab.infer.runtimes import choose_runtime, probe_size
-from segment_deeplab.infer.tta import PLAIN, TTA, forward_dtype, labels, predict_probs
+from segment_deeplab.infer.tta import (
+    PLAIN,
+    TTA,
+    forward_dtype,
+    labels,
+    predict_probs,
+    predict_scores,
+)
 
 # Images above this many pixels are predicted in tiles of AUTO_WINDOW (as --window
 # does), so a scan or an aerial photo does not need one giant forward pass.
@@ -40,6 +49,8 @@ AUTO_TILE_PIXELS = 4096 * 4096
 AUTO_WINDOW = 1024
 # Left in every output folder: `--overwrite` replaces files only where it finds it.
 PREDICTIONS_MARK = ".deeplab-predictions"
+# Images whose files are still being written while the next ones are predicted.
+WRITES_AHEAD = 2
 
 
 @dataclass
@@ -146,8 +157,10 @@ def _predict_group(
     group: list[int],
     tta: TTA,
     dtype: torch.dtype | None,
+    probabilities: bool = True,
 ) -> list[Predicted]:
     """Decode a group of sources and predict those of one size in one pass."""
+    forward = predict_probs if probabilities else predict_scores
     out: list[Predicted] = []
     loaded: list[Predicted] = []
     for i in group:
@@ -161,7 +174,7 @@ def _predict_group(
         batch = [p for p in loaded if p.image.shape == shape]
         try:
             stack = torch.stack([p.image for p in batch])
-            probs = predict_probs(model, stack, _fit(tta, shape), dtype)
+            probs = forward(model, stack, _fit(tta, shape), dtype)
         except (RuntimeError, MemoryError) as e:  # out of memory: these fail, the rest go on
             if not _out_of_memory(e):
                 raise
@@ -195,6 +208,7 @@ def predict_groups(
     batch_size: int = 1,
     tta: TTA = PLAIN,
     dtype: torch.dtype | None = None,
+    probabilities: bool = True,
 ) -> Iterator[Predicted]:
     """Probabilities of images, those of the same size predicted together.
 
@@ -204,13 +218,16 @@ def predict_groups(
             memory whole), or uint8 (3, H, W) tensors.
         batch_size: most images per forward pass.
         tta, dtype: test-time options and the forward pass's autocast dtype.
+        probabilities: False when only the classes are wanted: `probs` then holds
+            scores whose argmax is the class (`tta.predict_scores`: a single pass skips
+            the softmax over the full-size logits).
 
     Yields:
         One `Predicted` per source (with `error` set for one that cannot be read),
         grouped by size rather than in input order.
     """
     for group in _groups(sources, max(1, batch_size)):
-        yield from _predict_group(model, sources, group, tta, dtype)
+        yield from _predict_group(model, sources, group, tta, dtype, probabilities)
 
 
 def output_files(out: Path, stem: str, save_probs: bool) -> list[Path]:
@@ -253,13 +270,13 @@ def write_prediction(
     out: Path,
     stem: str,
     image: torch.Tensor,
-    probs: torch.Tensor,
+    pred: np.ndarray,
+    probs: torch.Tensor | None,
     classes: Sequence[ClassInfo],
     ignore_index: int,
-    save_probs: bool,
 ) -> Path:
-    """`<stem>.png`, `<stem>_overlay.jpg` (and `<stem>_probs.npy`) in `out`."""
-    pred = labels(probs[None])[0].to(torch.uint8).cpu().numpy()  # (H, W)
+    """`<stem>.png` and `<stem>_overlay.jpg` of the (H, W) uint8 class map `pred` in
+    `out`, and `<stem>_probs.npy` when `probs` is given."""
     mask_path = out / f"{stem}.png"
     with staged(mask_path) as tmp:
         colorize(pred, classes, ignore_index).save(tmp, format="PNG")
@@ -267,7 +284,7 @@ def write_prediction(
         overlay(image, pred, classes, ignore_index=ignore_index).save(
             tmp, format="JPEG", quality=90
         )
-    if save_probs:
+    if probs is not None:
         with staged(out / f"{stem}_probs.npy") as tmp, tmp.open("wb") as f:
             np.save(f, probs.to(torch.float16).cpu().numpy())
     return mask_path
@@ -334,17 +351,32 @@ def predict(
     )
     bar = tqdm(total=len(images), desc="predict", file=sys.stderr, disable=not progress)
     image_paths = [paths[i] for i in images]
-    for p in predict_groups(model, image_paths, batch_size, tta, dtype):
-        i = images[p.index]
-        if p.error is not None:
-            result.failed.append((paths[i].name, _reason(p.error)))
-        else:
-            try:
-                args = (out, stems[i], p.image, p.probs, classes, ignore_index)
-                result.written.append(write_prediction(*args, save_probs))
-            except OSError as e:  # disk full, permissions: report, keep going
-                result.failed.append((paths[i].name, _reason(e)))
+
+    def finish(name: str, written: Future) -> None:
+        try:
+            result.written.append(written.result())
+        except OSError as e:  # disk full, permissions: report, keep going
+            result.failed.append((name, _reason(e)))
         bar.update(1)
+
+    # PNG and JPEG encoding run in C without the GIL: one thread writes an image's
+    # files while the next one is decoded and predicted.
+    pending: deque[tuple[str, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") as writer:
+        for p in predict_groups(model, image_paths, batch_size, tta, dtype, save_probs):
+            i = images[p.index]
+            if p.error is not None:
+                result.failed.append((paths[i].name, _reason(p.error)))
+                bar.update(1)
+                continue
+            pred = labels(p.probs[None])[0].to(torch.uint8).cpu().numpy()
+            probs = p.probs if save_probs else None
+            args = (out, stems[i], p.image, pred, probs, classes, ignore_index)
+            pending.append((paths[i].name, writer.submit(write_prediction, *args)))
+            while len(pending) > WRITES_AHEAD:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     bar.close()
     for i in videos:
         try:

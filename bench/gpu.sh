@@ -46,3 +46,9 @@ echo "== train and inference step, same settings both sides ($DEV)"
 echo "== CPU prediction on this machine's cores, per engine"
 "$PY" bench/predict_speed.py --images-dir "$IMAGES" "${PRED[@]}" \
     --json "$OUT/predict_speed.json" | tee "$OUT/predict_speed.md"
+echo "== TensorRT fp16 engine against PyTorch and ONNX Runtime on the GPU"
+if [ -z "${TINY:-}" ]; then
+    "$PY" bench/tensorrt_speed.py | tee "$OUT/tensorrt_speed.md"
+else
+    "$PY" bench/tensorrt_speed.py --variant resnet_18 --batch 1 --size 64 --rounds 1 --steps 1
+fi

@@ -195,9 +195,10 @@ class Segmenter:
         return [c.name for c in self.classes]
 
     def _probs(
-        self, images: Sequence[ImageLike], batch_size: int
+        self, images: Sequence[ImageLike], batch_size: int, probabilities: bool = True
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, (C, H, W) probabilities) per image, same-size images batched together."""
+        """(index, (C, H, W) probabilities) per image, same-size images batched together;
+        without `probabilities`, scores whose argmax is the class (no softmax)."""
         # Paths stay paths: `predict_groups` decodes them one batch at a time.
         sources = [
             _existing(im) if isinstance(im, (str, Path)) else to_image_tensor(im) for im in images
@@ -205,7 +206,7 @@ class Segmenter:
         if not sources:
             return
         model, dtype = self._engine(sources[0])
-        for p in predict_groups(model, sources, batch_size, self.tta, dtype):
+        for p in predict_groups(model, sources, batch_size, self.tta, dtype, probabilities):
             if p.error is not None:
                 raise p.error
             yield p.index, p.probs
@@ -228,7 +229,7 @@ class Segmenter:
             One (H, W) map per image, in input order (see `predict`).
         """
         out: list[np.ndarray] = [np.empty(0)] * len(images)
-        for i, p in self._probs(images, batch_size):
+        for i, p in self._probs(images, batch_size, probabilities=False):
             out[i] = self._ids(p)
         return out
 

@@ -30,6 +30,7 @@ from segment_deeplab.classes import ClassInfo, from_dicts, to_dicts
 from segment_deeplab.config import Config, ModelConfig
 from segment_deeplab.data.spec import DatasetSpec
 from segment_deeplab.device import unwrap
+from segment_deeplab.export import tensorrt as tensorrt_export
 from segment_deeplab.export.runtime import (
     METADATA_FILE,
     ExportedModel,
@@ -232,7 +233,7 @@ def build_initialised(cfg: ModelConfig, verbose: bool = False) -> nn.Module:
 _NOT_MODELS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image"}
 MODEL_FILES = (
     "a run folder, a .pt checkpoint, or an export (.onnx, OpenVINO .xml with its .bin, "
-    "TorchScript .pt, .safetensors with its .json)"
+    "TorchScript .pt, .safetensors with its .json, TensorRT .engine with its .json)"
 )
 
 
@@ -269,6 +270,13 @@ def sniff_format(path: str | Path) -> str:
         with path.open("rb") as f:
             if b"<net" in f.read(4096):
                 return "openvino"
+    if tensorrt_export.is_engine(path):  # binary of TensorRT's own; its JSON says so
+        return "tensorrt"
+    if path.suffix in tensorrt_export.SUFFIXES:
+        raise CheckpointError(
+            f"{path} is read as a TensorRT engine only with the {path.with_suffix('.json').name} "
+            "that deeplab export wrote beside it (classes, normalisation, shapes); copy it along"
+        )
     what = next((v for k, v in _NOT_MODELS.items() if head.startswith(k)), None)
     what = what or ("empty" if not head else "not a model file segment-deeplab knows")
     raise CheckpointError(f"{path} is {what}; give {MODEL_FILES}")
@@ -288,7 +296,7 @@ def _opened(fmt: str, path: Path, load):
 
 
 def read_metadata(path: str | Path, sidecar: str | Path | None = None) -> dict[str, Any]:
-    """The metadata of an exported .onnx, TorchScript or .safetensors file.
+    """The metadata of an exported .onnx, TorchScript, .safetensors or TensorRT file.
 
     For safetensors it is the JSON beside the weights (`sidecar_path`, or `sidecar`),
     which is what loading reads; the header holds a copy.
@@ -300,7 +308,7 @@ def read_metadata(path: str | Path, sidecar: str | Path | None = None) -> dict[s
     if fmt == "onnx":
         props = onnx.load(str(path), load_external_data=False).metadata_props
         return {p.key: json.loads(p.value) for p in props}
-    if fmt == "safetensors":
+    if fmt in ("safetensors", "tensorrt"):
         side = Path(sidecar) if sidecar is not None else sidecar_path(path)
         if not side.is_file():
             raise ExportError(
@@ -385,6 +393,10 @@ def load_any(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     elif fmt == "openvino":
         meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
         model = _opened(fmt, path, lambda: ExportedModel(openvino_runner(path, device), meta))
+    elif fmt == "tensorrt":
+        meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
+        run = _opened(fmt, path, lambda: tensorrt_export.tensorrt_runner(path, device, meta))
+        model = ExportedModel(run, meta)
     else:
         meta = _ours(_opened(fmt, path, lambda: read_metadata(path)), path)
         model = _opened(fmt, path, lambda: ExportedModel(torchscript_module(path, device), meta))

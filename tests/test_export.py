@@ -280,9 +280,15 @@ def test_predict_batch_groups_sizes_and_matches_predict(run_dir, tmp_path):
     hook.remove()
     assert sorted(batches) == [2, 3]  # one forward pass per size
     assert [m.shape for m in masks] == sizes
+    # A batch of three and a batch of one round differently in float arithmetic: the
+    # maps agree everywhere but where the top two classes are within that rounding.
     for got, image in zip(masks, images, strict=True):
-        assert np.array_equal(got, seg.predict(image))
-    assert all(np.array_equal(a, b) for a, b in zip(seg.predict(mixed), masks, strict=True))
+        single = seg.predict(image)
+        top2 = np.sort(np.asarray(seg.predict_probs([image])[0]), axis=0)[-2:]
+        tie = top2[1] - top2[0] < 1e-4
+        assert np.array_equal(got[~tie], single[~tie]) and tie.mean() < 1e-3
+    again = seg.predict(mixed)
+    assert sum(int((a != b).sum()) for a, b in zip(again, masks, strict=True)) == 0
     probs = seg.predict_probs(mixed[:2])
     assert [p.shape for p in probs] == [(3, 64, 80), (3, 45, 71)]
 

@@ -275,14 +275,14 @@ def test_an_image_that_does_not_fit_is_skipped_by_name(run_dir, tmp_path, capsys
     photos = _photos(tmp_path / "in", 3)
     big = tmp_path / "in" / "huge.png"
     Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(big)
-    real = predict_mod.predict_probs
+    real = predict_mod.predict_scores  # what `deeplab predict` runs when no probs are saved
 
     def short_of_memory(model, images, *a, **k):
         if images.shape[-1] == 96:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 40 GB")
         return real(model, images, *a, **k)
 
-    monkeypatch.setattr(predict_mod, "predict_probs", short_of_memory)
+    monkeypatch.setattr(predict_mod, "predict_scores", short_of_memory)
     rc = main(["predict", "--checkpoint", str(run_dir), str(tmp_path / "in"), "--output",
                str(tmp_path / "out"), "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`deeplab export`: ONNX, OpenVINO, TorchScript or safetensors, checked against PyTorch."""
+"""`deeplab export`: ONNX, OpenVINO, TorchScript, safetensors or a TensorRT engine, checked
+against PyTorch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from segment_deeplab.cli.common import UserError
 def _add_export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX, OpenVINO, TorchScript or safetensors, parity-checked",
+        help="export a checkpoint to ONNX, OpenVINO, TorchScript, safetensors or TensorRT, "
+        "parity-checked",
         description="Write the model with its classes, colours and normalisation inside, "
         "after checking the reloaded file against PyTorch (max logit difference, argmax "
         "agreement); a file that disagrees is not written and the exit status is 1.",
@@ -20,7 +22,8 @@ def _add_export(sub) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="FILE", help="file to write")
     p.add_argument(
         "--format", dest="fmt", metavar="FORMAT",
-        help="onnx, openvino (IR: NAME.xml + NAME.bin), torchscript or safetensors "
+        help="onnx, openvino (IR: NAME.xml + NAME.bin), torchscript, safetensors, or "
+        "tensorrt (an fp16 engine for this machine's GPU: NAME.engine + NAME.json) "
         "(default: from the --output suffix)",
     )  # fmt: skip
     p.add_argument(
@@ -34,6 +37,14 @@ def _add_export(sub) -> argparse.ArgumentParser:
         "--opset", type=int, default=18,
         help="ONNX opset (default: 18, torch's torch.export-based exporter; 11-17 use the "
         "TorchScript-based one, for older runtimes)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=int, default=8,
+        help="tensorrt: the largest batch the engine takes (default: 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-side", type=int, default=2048,
+        help="tensorrt: the largest height or width the engine takes (default: 2048)",
     )  # fmt: skip
     p.add_argument("--data", metavar="DATASET", help="dataset or image folder for the parity check")
     p.add_argument("--spec", metavar="FILE", help="a dataset.yaml kept elsewhere")
@@ -60,6 +71,8 @@ def _cmd_export(args) -> int:
             data=args.data,
             spec=args.spec,
             overwrite=args.overwrite,
+            max_batch=args.max_batch,
+            max_side=args.max_side,
         )
     except ParityError as e:
         print(f"error: parity check failed: {e}; nothing written to {args.output}", file=sys.stderr)

@@ -23,6 +23,7 @@ from segment_deeplab.models.inputs import to_input
 SYNTHETIC_BATCHES = ((2, 97, 131), (1, 160, 224))  # (B, H, W): an odd and an aligned size
 MIN_AGREEMENT = 0.999  # argmax pixel agreement
 LOGIT_RTOL = 1e-3  # max |logit diff| allowed, relative to the largest |logit| (at least 1)
+FP16_LOGIT_RTOL = 3e-2  # the same for an fp16 export (a TensorRT engine) against fp32
 MAX_SIDE = 512  # parity images are shrunk to this: a full photo adds time, not evidence
 
 
@@ -119,9 +120,15 @@ def as_input(images: torch.Tensor, preprocessing: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def check_parity(
-    module: nn.Module, runner: Callable, batches: list[torch.Tensor], source: str
+    module: nn.Module,
+    runner: Callable,
+    batches: list[torch.Tensor],
+    source: str,
+    device: torch.device | None = None,
+    logit_rtol: float = LOGIT_RTOL,
 ) -> Parity:
-    """Run `module` (PyTorch, a DeployModel) and `runner` (the reloaded export) alike.
+    """Run `module` (PyTorch, a DeployModel) and `runner` (the reloaded export) alike,
+    on `device` (None: the CPU); logits may differ by `logit_rtol` of the largest.
 
     Raises:
         ParityError: the export fails to run at a size, or gives another output shape.
@@ -129,10 +136,12 @@ def check_parity(
     diff, scale, same, pixels, sizes = 0.0, 0.0, 0, 0, []
     for images in batches:
         x = as_input(images, module.preprocessing)
+        if device is not None:
+            x = x.to(device)
         ref = module(x)
         size = "x".join(map(str, images.shape[-2:]))
         try:
-            out = torch.as_tensor(runner(x))
+            out = torch.as_tensor(runner(x)).to(ref.device)
         except Exception as e:  # e.g. a graph that froze the example size
             raise ParityError(f"the export fails on {len(images)} image(s) of {size}: {e}") from e
         if out.shape != ref.shape:
@@ -149,7 +158,7 @@ def check_parity(
     logits = not module.argmax
     return Parity(
         max_abs_diff=diff if logits else None,
-        tolerance=LOGIT_RTOL * max(1.0, scale) if logits else None,
+        tolerance=logit_rtol * max(1.0, scale) if logits else None,
         agreement=same / max(1, pixels),
         pixels=pixels,
         images=sum(len(b) for b in batches),

@@ -21,7 +21,9 @@ it agrees.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import functools
 import io
 import json
 import tempfile
@@ -48,7 +50,10 @@ from segment_deeplab.checkpoint import (
     sniff_format,
 )
 from segment_deeplab.config import Config
+from segment_deeplab.export import tensorrt as trt_export
 from segment_deeplab.export.parity import (
+    FP16_LOGIT_RTOL,
+    LOGIT_RTOL,
     Parity,
     as_input,
     check_parity,
@@ -69,9 +74,12 @@ from segment_deeplab.export.runtime import (
 from segment_deeplab.infer.tta import input_multiple
 from segment_deeplab.models.inputs import pad_color, to_input
 
-FORMATS = ("onnx", "openvino", "torchscript", "safetensors")
-TWO_FILES = ("safetensors", "openvino")  # a second file beside the output (`sidecar_path`)
+FORMATS = ("onnx", "openvino", "torchscript", "safetensors", "tensorrt")
+# A second file beside the output (`sidecar_path`).
+TWO_FILES = ("safetensors", "openvino", "tensorrt")
 SUFFIXES = {
+    ".engine": "tensorrt",
+    ".plan": "tensorrt",
     ".xml": "openvino",
     ".onnx": "onnx",
     ".pt": "torchscript",
@@ -312,6 +320,9 @@ def load_runner(
         return openvino_runner(path, torch.device("cpu"), weights=sidecar)
     if fmt == "torchscript":
         return torchscript_module(path, torch.device("cpu"))
+    if fmt == "tensorrt":
+        meta = json.loads(Path(sidecar).read_text())
+        return trt_export.tensorrt_runner(path, torch.device("cuda"), meta)
     model, _, meta = load_safetensors(path, sidecar)
     return DeployModel(model, module.preprocessing, module.argmax, len(meta["classes"])).eval()
 
@@ -330,16 +341,23 @@ def _check_request(fmt: str, output: Path, baked: bool, opset: int) -> str:
             "safetensors holds weights only; --with-preprocessing and --with-argmax apply "
             "to onnx, openvino and torchscript"
         )
-    if fmt == "onnx" and opset not in OPSETS:
+    if fmt == "tensorrt" and baked:
+        raise ExportError(
+            "a TensorRT engine takes float (B, 3, H, W) in [0, 1] and returns logits; "
+            "--with-preprocessing and --with-argmax apply to onnx, openvino and torchscript"
+        )
+    if fmt == "tensorrt":
+        trt_export.require_gpu()
+        trt_export.tensorrt()
+    if fmt in ("onnx", "tensorrt") and opset not in OPSETS:
         span = f"{OPSETS[0]}..{OPSETS[-1]}"
         raise ExportError(f"--opset {opset} is not supported; use {span} (default {DEFAULT_OPSET})")
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file name, e.g. model.{fmt}")
     check_writable_file(output)
-    if fmt == "safetensors" and sidecar_path(output) == output:
-        raise ExportError(
-            f"--output {output}: the config goes to NAME.json; name it NAME.safetensors"
-        )
+    if fmt in ("safetensors", "tensorrt") and sidecar_path(output) == output:
+        suffix = "safetensors" if fmt == "safetensors" else "engine"
+        raise ExportError(f"--output {output}: the config goes to NAME.json; name it NAME.{suffix}")
     if fmt == "openvino" and sidecar_path(output, fmt) == output:
         raise ExportError(f"--output {output}: the weights go to NAME.bin; name it NAME.xml")
     return fmt
@@ -378,6 +396,8 @@ def export(
     data: str | Path | None = None,
     spec: str | Path | None = None,
     overwrite: bool = False,
+    max_batch: int = trt_export.MAX_BATCH,
+    max_side: int = trt_export.MAX_SIDE,
 ) -> ExportResult:
     """Export a checkpoint, check parity on the reloaded file, and write it atomically.
 
@@ -392,6 +412,8 @@ def export(
             None: synthetic images.
         spec: a dataset.yaml kept elsewhere, for `data`.
         overwrite: replace an earlier export at `output` (the checkpoint never).
+        max_batch, max_side: the largest batch and height or width a TensorRT engine
+            takes (it is built for that range).
 
     Returns:
         The result; its `path` is None, and nothing is written, when parity failed.
@@ -399,9 +421,15 @@ def export(
     start = time.perf_counter()
     output = Path(output)
     fmt = _check_request(resolve_format(fmt, output), output, preprocessing or argmax, opset)
+    if fmt == "tensorrt":
+        trt_export.check_shapes(max_batch, max_side)
     _check_not_taken(output, fmt, checkpoint, overwrite)
     model, cfg, ckpt = load_model(checkpoint, map_location="cpu")
     module = DeployModel(model, preprocessing, argmax, len(ckpt["classes"])).eval()
+    # A TensorRT engine is built and checked on the GPU, against the fp32 model there.
+    device = torch.device("cuda") if fmt == "tensorrt" else None
+    if device is not None:
+        module = module.to(device)
     meta = build_metadata(model, cfg, ckpt, preprocessing, argmax)
     batches, source = parity_images(data, spec)
     g = torch.Generator().manual_seed(0)
@@ -425,10 +453,15 @@ def export(
             write_openvino(module, example, tmp, tmp_side, meta)
         elif fmt == "torchscript":
             write_torchscript(module, example, tmp, meta)
+        elif fmt == "tensorrt":
+            half = trt_export.HalfPrecision(copy.deepcopy(module)).eval()
+            graph = functools.partial(write_onnx, half, example.to(device), opset=opset, meta=meta)
+            trt_export.write_tensorrt(graph, tmp, meta, tmp_side, max_batch, max_side)
         else:
             write_safetensors(model, tmp, meta, tmp_side)
         runner = load_runner(fmt, tmp, module, tmp_side)
-        parity = check_parity(module, runner, batches, source)
+        rtol = FP16_LOGIT_RTOL if fmt == "tensorrt" else LOGIT_RTOL
+        parity = check_parity(module, runner, batches, source, device, rtol)
         if not parity.passed:
             raise _Rejected
     written = parity is not None and parity.passed

@@ -330,7 +330,7 @@ def _predictions(av, model, container, src, result, tta, dtype, batch_size, bar)
     for batch in _batches(_decoded(av, container, src, result), batch_size):
         images = [_to_tensor(f) for f in batch]
         # In order (`predict_groups` groups by size, and a stream may change size).
-        done = sorted(predict_groups(model, images, batch_size, tta, dtype), key=_index)
+        done = sorted(predict_groups(model, images, batch_size, tta, dtype, False), key=_index)
         for p in done:
             if p.error is not None:
                 _problem(result, f"frame {result.written + result.skipped}: {_reason(p.error)}")

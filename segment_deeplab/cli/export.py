@@ -39,8 +39,9 @@ def _add_export(sub) -> argparse.ArgumentParser:
         "TorchScript-based one, for older runtimes)",
     )  # fmt: skip
     p.add_argument(
-        "--max-batch", type=int, default=8,
-        help="tensorrt: the largest batch the engine takes (default: 8)",
+        "--max-batch", type=int, default=4,
+        help="tensorrt: the largest batch the engine runs at once; larger ones run in "
+        "chunks (default: 4; more needs more GPU memory)",
     )  # fmt: skip
     p.add_argument(
         "--max-side", type=int, default=2048,

@@ -30,7 +30,7 @@ TENSORRT_EXTRA = "pip install 'segment-deeplab[tensorrt]'"
 SUFFIXES = (".engine", ".plan")
 MIN_SIDE = 32  # the smallest height and width an engine takes
 OPT_SIDE = 512  # the shape TensorRT tunes its kernels for: (1, 3, 512, 512)
-MAX_BATCH = 8
+MAX_BATCH = 4  # larger batches are run in chunks of this; more takes more GPU memory
 MAX_SIDE = 2048
 
 
@@ -174,14 +174,17 @@ def tensorrt_runner(
         raise ExportError(f"{path} has inputs {inputs} and outputs {outputs}; expected one of each")
     src, dst = inputs[0], outputs[0]
     hi = built.get("max_shape")
+    limit = int(hi[0]) if hi else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if limit is not None and len(x) > limit:  # the engine's batch range is a memory bound
+            return torch.cat([run(part) for part in x.split(limit)])
         x = x.to(device, torch.float32).contiguous()
         if not context.set_input_shape(src, tuple(x.shape)):
             raise ExportError(
-                f"{path} takes inputs up to {hi or 'the shapes it was built for'} (B, 3, H, "
-                f"W), not {tuple(x.shape)}; predict with --window 1024, or build the engine "
-                "again with a larger --max-side / --max-batch"
+                f"{path} takes sides of {MIN_SIDE} to {hi[-1] if hi else '?'} pixels, not "
+                f"{tuple(x.shape[-2:])} (H, W); predict with --window 1024, or build the "
+                "engine again with a larger --max-side"
             )
         y = torch.empty(tuple(context.get_tensor_shape(dst)), device=device, dtype=torch.float32)
         context.set_tensor_address(src, x.data_ptr())

@@ -74,3 +74,27 @@ def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode(), counter:
         model(x[:1])
     return counter.get_total_flops() / 1e9
+
+
+def random_checkpoint(cfg, path: Path) -> Path:
+    """A checkpoint at `path` of `cfg`'s model with seeded random weights (speed does
+    not depend on them) and placeholder classes."""
+    from segment_deeplab.checkpoint import FORMAT
+    from segment_deeplab.checkpoint import save as save_checkpoint
+    from segment_deeplab.classes import placeholder_classes
+    from segment_deeplab.models import build_model
+
+    torch.manual_seed(0)
+    classes = placeholder_classes(list(range(cfg.model.num_classes)))
+    save_checkpoint(
+        {
+            "format": FORMAT,
+            "model": build_model(cfg.model).state_dict(),
+            "config": cfg.to_dict(),
+            "classes": [c.to_dict() for c in classes],
+            "ignore_index": 255,
+            "step": 0,
+        },
+        path,
+    )
+    return path

@@ -34,18 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine, random_checkpoint  # noqa: E402
 from peer_smp import build_peer, normalize_batch  # noqa: E402
 
-from segment_deeplab.checkpoint import FORMAT, load_model  # noqa: E402
-from segment_deeplab.checkpoint import save as save_checkpoint  # noqa: E402
+from segment_deeplab.checkpoint import load_model  # noqa: E402
 from segment_deeplab.classes import placeholder_classes  # noqa: E402
 from segment_deeplab.config import Config, load_config  # noqa: E402
 from segment_deeplab.data.decode import read_image  # noqa: E402
 from segment_deeplab.infer.fold import for_inference  # noqa: E402
 from segment_deeplab.infer.predict import predict  # noqa: E402
 from segment_deeplab.infer.runtimes import choose_runtime  # noqa: E402
-from segment_deeplab.models import build_model  # noqa: E402
 
 NUM_CLASSES = 11
 ENGINES = ("torch", "onnxruntime", "openvino", "auto")
@@ -59,21 +57,7 @@ def checkpoint(kind: str, folder: Path) -> Path:
         cfg = Config()
         cfg.model.model_variant, cfg.model.separable = "resnet_18", True
     cfg.model.num_classes = NUM_CLASSES
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    path = folder / f"{kind}.pt"
-    save_checkpoint(
-        {
-            "format": FORMAT,
-            "model": model.state_dict(),
-            "config": cfg.to_dict(),
-            "classes": [c.to_dict() for c in placeholder_classes(list(range(NUM_CLASSES)))],
-            "ignore_index": 255,
-            "step": 0,
-        },
-        path,
-    )
-    return path
+    return random_checkpoint(cfg, folder / f"{kind}.pt")
 
 
 def main(argv: list[str] | None = None) -> int:

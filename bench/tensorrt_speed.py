@@ -23,15 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine, random_checkpoint  # noqa: E402
 
-from segment_deeplab.checkpoint import FORMAT, load_any, load_model  # noqa: E402
-from segment_deeplab.checkpoint import save as save_checkpoint  # noqa: E402
-from segment_deeplab.classes import placeholder_classes  # noqa: E402
+from segment_deeplab.checkpoint import load_any, load_model  # noqa: E402
 from segment_deeplab.config import Config  # noqa: E402
 from segment_deeplab.export.write import export  # noqa: E402
 from segment_deeplab.infer.fold import for_inference  # noqa: E402
-from segment_deeplab.models import build_model  # noqa: E402
 
 NUM_CLASSES = 19
 
@@ -39,20 +36,7 @@ NUM_CLASSES = 19
 def _checkpoint(variant: str, folder: Path) -> Path:
     cfg = Config()
     cfg.model.model_variant, cfg.model.num_classes = variant, NUM_CLASSES
-    torch.manual_seed(0)
-    path = folder / "model.pt"
-    save_checkpoint(
-        {
-            "format": FORMAT,
-            "model": build_model(cfg.model).state_dict(),
-            "config": cfg.to_dict(),
-            "classes": [c.to_dict() for c in placeholder_classes(list(range(NUM_CLASSES)))],
-            "ignore_index": 255,
-            "step": 0,
-        },
-        path,
-    )
-    return path
+    return random_checkpoint(cfg, folder / "model.pt")
 
 
 def _timed(fn, x: torch.Tensor, steps: int) -> float:

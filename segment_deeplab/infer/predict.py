@@ -59,7 +59,9 @@ class Predicted:
 
     index: int  # into the sources
     image: torch.Tensor | None = None  # uint8 (3, H, W)
-    probs: torch.Tensor | None = None  # float32 (C, H, W)
+    # float32 (C, H, W) probabilities, or scores whose argmax is the class (see
+    # `predict_groups`' `probabilities`)
+    probs: torch.Tensor | None = None
     error: Exception | None = None
 
 

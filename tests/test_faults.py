@@ -385,7 +385,7 @@ def test_kill_9_at_random_points_then_resume_ends_as_an_uninterrupted_run(datase
     """Training killed with SIGKILL 10 times at random moments (checkpoints are written
     every step, so some kills land inside a write), resumed each time: the weights equal
     an uninterrupted run's, no temporary file is left and no step is logged twice."""
-    steps, kills = 18, 10
+    steps, kills = 30, 10  # each kill lands within a step of progress: at most 2 steps a kill
     base = [sys.executable, "-m", "segment_deeplab", "train", "--data", str(dataset),
             "--no-progress", *SMALL, f"train.steps={steps}",
             "train.checkpoint_every=1"]  # fmt: skip
@@ -393,6 +393,9 @@ def test_kill_9_at_random_points_then_resume_ends_as_an_uninterrupted_run(datase
     subprocess.run([*base, "--output", str(tmp_path / "full")], env=env, check=True,
                    capture_output=True)  # fmt: skip
     run, rng = tmp_path / "cut", random.Random(0)
+    log = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().split("\n")
+           if '"loss"' in x]  # fmt: skip
+    step_s = (log[-1]["elapsed_s"] - log[0]["elapsed_s"]) / (len(log) - 1)  # this machine's step
 
     def logged() -> int:
         log = run / "metrics.jsonl"
@@ -407,7 +410,7 @@ def test_kill_9_at_random_points_then_resume_ends_as_an_uninterrupted_run(datase
             seen = logged()
             while proc.poll() is None and logged() <= seen:  # wait for a step of progress
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.25))
+            time.sleep(rng.uniform(0.0, step_s))  # inside the next step or its checkpoint write
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

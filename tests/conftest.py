@@ -9,6 +9,25 @@ from helpers import make_dataset
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _cpu_kind():
+    """`DEEPLAB_TEST_CPU=amx` runs the suite as an AMX CPU would (`amp=auto` picks bf16),
+    `plain` as one without AMX (fp32), whatever this CPU is: the defaults differ between
+    the two, and the tests must hold on both."""
+    import os
+
+    from segment_deeplab import device
+
+    kind = os.environ.get("DEEPLAB_TEST_CPU", "")
+    if kind not in ("", "amx", "plain"):
+        raise pytest.UsageError(f"DEEPLAB_TEST_CPU must be amx or plain, not {kind!r}")
+    mp = pytest.MonkeyPatch()
+    if kind:
+        mp.setattr(device, "has_amx", lambda: kind == "amx")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _runtime_cache(tmp_path_factory):
     """Converted models and runtime choices go to a scratch folder, not ~/.cache."""
     mp = pytest.MonkeyPatch()

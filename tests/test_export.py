@@ -154,9 +154,9 @@ def test_safetensors_round_trip_rebuilds_the_model(run_dir, model, tmp_path, mon
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
     image = _image(64, 80, seed=2)
-    mask = Segmenter.from_checkpoint(out, device="cpu", runtime="torch").predict(image)
+    seg = Segmenter.from_checkpoint(out, device="cpu", runtime="torch", amp="off")
     ref = predict_labels(prepare_model(model, torch.device("cpu")), image)[0].numpy()
-    assert np.array_equal(mask, ref)  # Segmenter prepares the model the same way
+    assert np.array_equal(seg.predict(image), ref)  # Segmenter prepares the model the same way
     monkeypatch.undo()
 
     # The sidecar is what loading reads: an edit shows, and without it loading refuses.
@@ -249,11 +249,12 @@ def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     ref = predict_labels(prepare_model(model, torch.device("cpu")), image)[0].numpy()
 
-    seg = Segmenter.from_checkpoint(run_dir, device="cpu")
+    # fp32, as the reference: the engine is the fastest that agrees with PyTorch here
+    # (`infer.runtimes`). The defaults' bf16 on AMX CPUs is checked below.
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu", amp="off")
     assert [c.name for c in seg.classes] == ["background", "cat", "dog"]
     mask = seg.predict(path)
     assert mask.dtype == np.uint8 and mask.shape == (90, 120)
-    # The default engine is the fastest that agrees with PyTorch (`infer.runtimes`).
     assert (mask == ref).mean() >= 0.999 and len(np.unique(mask)) > 1
     # The same image as a path string, PIL image, array and tensor: the same array.
     for same in (str(path), Image.open(path), image.permute(1, 2, 0).numpy(), image):
@@ -268,8 +269,27 @@ def test_segmenter_predicts_like_the_checkpoint_model(run_dir, model, tmp_path):
         seg.predict(tmp_path / "nope.png")
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_segmenter_defaults_follow_the_cpu(run_dir, model, amp, monkeypatch):
+    """`amp=auto` is bf16 on AMX CPUs, fp32 elsewhere; bf16 runs in PyTorch (the other
+    engines are fp32) and gives the fp32 class map but at near-ties."""
+    from segment_deeplab import device
+
+    monkeypatch.setattr(device, "has_amx", lambda: amp == "bf16")
+    image = _image(90, 120, seed=3)
+    ref = predict_labels(prepare_model(model, torch.device("cpu")), image)[0].numpy()
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu", runtime="torch")
+    assert seg.dtype == (torch.bfloat16 if amp == "bf16" else None)
+    got = seg.predict(image)
+    assert (got == ref).mean() >= (0.99 if amp == "bf16" else 1.0)
+    if amp == "bf16":  # the default engine there is PyTorch, which autocasts
+        default = Segmenter.from_checkpoint(run_dir, device="cpu")
+        assert np.array_equal(default.predict(image), got) and default.runtime == "torch"
+
+
 def test_predict_batch_groups_sizes_and_matches_predict(run_dir, tmp_path):
-    seg = Segmenter.from_checkpoint(run_dir, device="cpu", runtime="torch")  # hooks its model
+    # fp32: a batch and a single image round alike only where no autocast intervenes.
+    seg = Segmenter.from_checkpoint(run_dir, device="cpu", runtime="torch", amp="off")
     sizes = [(64, 80), (45, 71), (64, 80), (64, 80), (45, 71)]
     images = [_image(h, w, seed=i).permute(1, 2, 0).numpy() for i, (h, w) in enumerate(sizes)]
     Image.fromarray(images[2]).save(tmp_path / "two.png")

@@ -102,6 +102,10 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     time: str | None = None
+    # With a time budget: the run does not end before this many steps, however slow the
+    # machine (it then runs past the budget, and the LR schedule follows the steps), so
+    # a budget picked on a fast CPU still trains enough on a slow one.
+    min_steps: int | None = None
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01
     momentum: float = 0.9
@@ -160,7 +164,7 @@ RECIPES = Path(__file__).resolve().parent / "configs"
 # `deeplab train` starts from it on a CPU when no --config is given.
 CPU_RECIPE = RECIPES / "deeplabv3plus_resnet18_camvid_256.yaml"
 # Run-length keys: a length given on the command line replaces a config file's.
-LENGTH_KEYS = ("train.steps", "train.epochs", "train.time")
+LENGTH_KEYS = ("train.steps", "train.epochs", "train.time", "train.min_steps")
 
 
 def cpu_recipe() -> Config:
@@ -185,6 +189,7 @@ _BOUNDS: dict[str, tuple[Any, str]] = {
     "model.decoder_convs": (lambda v: v in (1, 2), "1 or 2 (TF DeepLab: 2)"),
     "train.steps": (lambda v: v >= 1, "at least 1"),
     "train.epochs": (lambda v: v >= 1, "at least 1"),
+    "train.min_steps": (lambda v: v >= 1, "at least 1"),
     "train.lr": (lambda v: v > 0, "positive, e.g. 0.01"),
     "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, "0 or more"),
@@ -345,7 +350,7 @@ def load_config(
     """Defaults (or `base`), then the YAML file (if any), then `values` (typed, e.g. from
     command-line flags), then key=value `overrides`.
 
-    A run length among `values` or `overrides` (steps, epochs or time) replaces the
+    A run length among `values` or `overrides` (steps, epochs, time, min_steps) replaces the
     lengths of the file and the base: the run is as long as the command line says.
     """
     cfg = base or Config()

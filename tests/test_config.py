@@ -81,6 +81,21 @@ def test_poly_schedule_with_warmup():
     # a time budget drives the schedule when it is further along than the steps
     assert schedule.progress(10, 100, elapsed=30, budget=60) == 0.5
     assert schedule.progress(10, None, elapsed=90, budget=60) == 1.0
+    # min_steps holds a time budget back until that many steps are done
+    assert schedule.progress(10, None, elapsed=90, budget=60, min_steps=40) == 0.25
+    assert schedule.progress(50, None, elapsed=30, budget=60, min_steps=40) == 0.5
+    assert schedule.progress(40, None, elapsed=60, budget=60, min_steps=40) == 1.0
+
+
+def test_min_steps_goes_with_a_time_budget():
+    tc = load_config(None, ["train.steps=10", "train.min_steps=5"]).train
+    with pytest.raises(ConfigError, match="--time 2m --min-steps 100"):
+        schedule.total_steps(tc, 4)
+    with pytest.raises(ConfigError, match="min_steps"):
+        load_config(None, ["train.time=2m", "train.min_steps=0"])
+    # a length on the command line replaces the file's, min_steps included
+    cfg = load_config(None, ["train.time=2m", "train.min_steps=5"])
+    assert load_config(None, ["train.steps=3"], base=cfg).train.min_steps is None
 
 
 def test_batches_are_seeded_sharded_and_resumable():

@@ -44,6 +44,18 @@ def test_a_few_steps_reduce_the_loss(dataset, tmp_path):
     assert [c["name"] for c in ck["classes"]] == spec.class_names
 
 
+def test_a_spent_time_budget_still_trains_min_steps(dataset, tmp_path):
+    """A budget picked on a fast machine, on a slow one: it ends at once (one step), or,
+    with train.min_steps, not before that many steps, the LR decaying over them."""
+    spec = open_dataset(dataset)
+    assert fit(_cfg("train.time=0.001"), spec, tmp_path / "a", progress=False).step == 1
+    cfg = _cfg("train.time=0.001", "train.min_steps=5", "train.log_every=1")
+    assert fit(cfg, spec, tmp_path / "b", progress=False).step == 5
+    recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    assert len(lrs) == 5 and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1] > 0
+
+
 def test_class_weights_are_corrected_for_in_the_saved_model(dataset, tmp_path):
     spec = open_dataset(dataset)
     cfg = _cfg("train.steps=2", "train.class_weights=auto")

@@ -21,6 +21,7 @@ _TRAIN_FLAGS = {
     "steps": "train.steps",
     "epochs": "train.epochs",
     "time": "train.time",
+    "min_steps": "train.min_steps",
     "lr": "train.lr",
     "seed": "train.seed",
 }
@@ -66,6 +67,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="training steps (TF: training_number_of_steps)")
     d.add_argument("--epochs", type=int)
     d.add_argument("--time", help="wall-clock budget, e.g. 20m; the LR schedule spans it")
+    d.add_argument("--min-steps", type=int, metavar="N",
+                   help="with --time: not before N steps, however slow the machine")  # fmt: skip
     d.add_argument("--lr", type=float, help="base learning rate")
     d.add_argument("--seed", type=int)
     return p

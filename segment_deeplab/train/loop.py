@@ -146,8 +146,10 @@ def _clock(seconds: float) -> str:
 def _flush_log(run: Run, log: RunLog) -> dict[str, str]:
     """Write the logging window's record; return the progress bar's postfix."""
     postfix = log.flush()
-    if run.budget:  # tqdm's ETA needs a step count; a time budget has its own
-        postfix["left"] = _clock(max(run.budget - run.elapsed, 0.0))
+    frac = run.progress()
+    if run.budget and frac > 0:  # tqdm's ETA needs a step count; a time budget has its own
+        # budget - elapsed, unless train.min_steps holds the run: then by the step rate.
+        postfix["left"] = _clock(run.elapsed * (1 - frac) / frac)
     return postfix
 
 

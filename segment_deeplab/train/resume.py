@@ -58,6 +58,7 @@ MAY_CHANGE = (
     "train.steps",
     "train.epochs",
     "train.time",
+    "train.min_steps",
     "train.val_every",
     "train.checkpoint_every",
     "train.log_every",

@@ -35,6 +35,11 @@ def parse_duration(text: str | None) -> float | None:
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     """The run's step count; None when only a time budget bounds it."""
+    if cfg.min_steps is not None and cfg.time is None:
+        raise ConfigError(
+            "train.min_steps keeps a time budget from ending a run too early; give it with "
+            "--time (e.g. --time 2m --min-steps 100), or use --steps for a fixed length"
+        )
     if cfg.steps is not None:
         return int(cfg.steps)
     if cfg.epochs is not None:
@@ -44,13 +49,23 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     raise ConfigError("the run has no length: give --steps, --epochs or --time (e.g. --time 20m)")
 
 
-def progress(step: int, total: int | None, elapsed: float, budget: float | None) -> float:
-    """How far through the run we are, 0..1, by steps or by wall clock, whichever is further."""
+def progress(
+    step: int,
+    total: int | None,
+    elapsed: float,
+    budget: float | None,
+    min_steps: int | None = None,
+) -> float:
+    """How far through the run we are, 0..1, by steps or by wall clock, whichever is
+    further; a time budget counts only as far as `min_steps` has been reached."""
     p = 0.0
     if total:
         p = step / total
     if budget:
-        p = max(p, elapsed / budget)
+        by_clock = elapsed / budget
+        if min_steps:
+            by_clock = min(by_clock, step / min_steps)
+        p = max(p, by_clock)
     return min(p, 1.0)
 
 

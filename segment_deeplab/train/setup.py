@@ -141,7 +141,8 @@ class Run:
     last_path: Path | None = None
 
     def progress(self) -> float:
-        return schedule.progress(self.step, self.total, self.elapsed, self.budget)
+        tc = self.cfg.train
+        return schedule.progress(self.step, self.total, self.elapsed, self.budget, tc.min_steps)
 
     def save(self, name: str) -> Path:
         """last.pt (with the training state) or best.pt (weights only), on rank 0."""

@@ -51,8 +51,7 @@ def test_a_spent_time_budget_still_trains_min_steps(dataset, tmp_path):
     assert fit(_cfg("train.time=0.001"), spec, tmp_path / "a", progress=False).step == 1
     cfg = _cfg("train.time=0.001", "train.min_steps=5", "train.log_every=1")
     assert fit(cfg, spec, tmp_path / "b", progress=False).step == 5
-    recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in recs if "lr" in r]
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()) if "lr" in r]
     assert len(lrs) == 5 and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1] > 0
 
 

@@ -14,10 +14,10 @@ $deeplab validate "$out/data"
 echo "== 3/6 prepare it (train/val split, class statistics)"
 $deeplab prepare "$out/data" --val-fraction 0.2 --seed 0
 echo "== 4/6 train DeepLab v3+ (${DEMO_TIME:-2m} on the CPU)"
-# At least 100 steps, however slow the CPU: fewer leave the thinnest class unlearnt
+# At least 120 steps, however slow the CPU: fewer leave the thinnest class unlearnt
 # (BENCHMARKS.md §0); a 2-core AMD EPYC makes 110-200 in the 2 minutes.
 $deeplab train --config configs/deeplabv3plus_resnet18_synthetic_128.yaml \
-    --data "$out/data" --output "$out/run" --time "${DEMO_TIME:-2m}" --min-steps "${DEMO_MIN_STEPS:-100}"
+    --data "$out/data" --output "$out/run" --time "${DEMO_TIME:-2m}" --min-steps "${DEMO_MIN_STEPS:-120}"
 echo "== 5/6 evaluate the best checkpoint on the validation split"
 $deeplab eval --checkpoint "$out/run" --data "$out/data" --output "$out/eval"
 echo "== 6/6 predict a few images"
